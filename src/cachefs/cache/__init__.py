@@ -1,0 +1,1 @@
+"""Caching layers between FUSE and the store: listings and data blocks."""

@@ -1,0 +1,45 @@
+"""The memory tier: a byte-bounded LRU of immutable blocks.
+
+Only the trio thread touches it, so it needs no lock. Blocks are `bytes`, handed out as they are
+(readers slice them with memoryview), so an evicted block stays valid for a reader holding it.
+"""
+
+import logging
+from collections import OrderedDict
+
+log = logging.getLogger(__name__)
+
+
+class MemoryTier:
+    def __init__(self, capacity_bytes):
+        self.capacity = capacity_bytes
+        self.used = 0
+        self.evictions = 0
+        self._blocks = OrderedDict()
+
+    def get(self, block_id):
+        data = self._blocks.get(block_id)
+        if data is not None:
+            self._blocks.move_to_end(block_id)
+        return data
+
+    def put(self, block_id, data):
+        if len(data) > self.capacity:
+            return
+        old = self._blocks.pop(block_id, None)
+        if old is not None:
+            self.used -= len(old)
+        self._blocks[block_id] = data
+        self.used += len(data)
+        while self.used > self.capacity:
+            _, evicted = self._blocks.popitem(last=False)
+            self.used -= len(evicted)
+            self.evictions += 1
+
+    def discard_object(self, key):
+        """Drop every block of `key` (any version): used when an object changed in the store."""
+        for block_id in [b for b in self._blocks if b[0] == key]:
+            self.used -= len(self._blocks.pop(block_id))
+
+    def __len__(self):
+        return len(self._blocks)

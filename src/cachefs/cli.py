@@ -1,0 +1,265 @@
+"""Command line: `cachefs mount|umount|stats|demo`, and the `mount.cachefs` helper.
+
+`cachefs mount` without `--foreground` starts the daemon as a new process (never a fork inside a
+running trio loop) and waits on a pipe until the daemon reports that the mount answers, or
+reports the one-line error that stopped it; its exit status is the daemon's.
+"""
+
+import argparse
+import errno
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+
+from . import __version__, mounts
+from .config import add_mount_options, expand_dash_o
+from .errors import (EXIT_CODES, EXIT_INTERNAL, EXIT_NOT_MOUNTED, EXIT_OK, EXIT_USAGE,
+                     UserError)
+from .units import format_size
+
+log = logging.getLogger(__name__)
+
+READY_FD_ENV = 'CACHEFS_READY_FD'
+SUBCOMMANDS = ('mount', 'umount', 'unmount', 'stats', 'demo')
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises `UserError` instead of printing usage and exiting with 2."""
+
+    def error(self, message):
+        raise UserError(f'{self.prog}: {message}', EXIT_USAGE)
+
+
+def build_parser():
+    epilog = 'exit codes:\n' + '\n'.join(f'  {code}  {text}' for code, text in EXIT_CODES.items())
+    parser = _Parser(prog='cachefs', description='A read cache for training data on object '
+                     'storage, mounted as a read-only POSIX folder.', epilog=epilog,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--version', action='version', version=f'cachefs {__version__}')
+    commands = parser.add_subparsers(dest='command', required=True, parser_class=_Parser)
+
+    mount = commands.add_parser('mount', help='mount a source (s3://, oss://, local folder)',
+                                description='Mount SOURCE read-only on MOUNTPOINT. Every option '
+                                'can also be given as -o name=value,... (fstab style).')
+    mount.add_argument('source', help='s3://bucket[/prefix], oss://bucket[/prefix], '
+                       'file:///path or a local path')
+    mount.add_argument('mountpoint', help='an existing empty folder')
+    mount.add_argument('-f', '--foreground', action='store_true',
+                       help='stay attached (systemd, containers); unmount on SIGTERM/SIGINT')
+    add_mount_options(mount)
+
+    for name in ('umount', 'unmount'):
+        umount = commands.add_parser(name, help='unmount and wait for the daemon to exit')
+        umount.add_argument('mountpoint')
+        umount.add_argument('--timeout', type=float, default=60.0,
+                            help='seconds to wait for the daemon to exit (default 60)')
+
+    stats = commands.add_parser('stats', help="print a mount's counters")
+    stats.add_argument('mountpoint')
+    stats.add_argument('--json', action='store_true', help='machine-readable output')
+
+    demo = commands.add_parser('demo', help='the embedded default: a loopback SeaweedFS store '
+                               'with generated TFRecord shards, mounted and read twice')
+    demo.add_argument('--workdir', default=None, help='where the store, cache and mount live '
+                      '(default: a temporary folder, removed at the end)')
+    demo.add_argument('--shards', type=int, default=8, help='TFRecord shards (default 8)')
+    demo.add_argument('--shard-size', default='64M', help='bytes per shard (default 64M)')
+    return parser
+
+
+def setup_logging(level='info', log_file=None):
+    handler = logging.FileHandler(log_file) if log_file else logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter('%(asctime)s %(levelname)s %(name)s: %(message)s'))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    # boto and urllib3 are chatty at debug and log request details we do not want in our logs.
+    for noisy in ('botocore', 'boto3', 'urllib3', 's3transfer', 'oss2', 'requests'):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
+
+
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # `cachefs SOURCE MOUNTPOINT -o ...` is how mount.fuse3 calls a FUSE file system.
+    if argv and not argv[0].startswith('-') and argv[0] not in SUBCOMMANDS:
+        argv.insert(0, 'mount')
+    try:
+        options = build_parser().parse_args(expand_dash_o(argv))
+        return COMMANDS[options.command](options)
+    except UserError as exc:
+        print(f'cachefs: error: {exc}', file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+
+
+# -- mount --
+
+def command_mount(options):
+    if options.foreground:
+        return run_daemon(options)
+    return spawn_daemon(options)
+
+
+def run_daemon(options):
+    """The daemon itself (foreground mode, or the child of a background mount)."""
+    from .daemon import Daemon
+    ready_fd = int(os.environ.pop(READY_FD_ENV, -1))
+    setup_logging(options.log_level, options.log_file)
+
+    def report(line):
+        if ready_fd >= 0:
+            try:
+                os.write(ready_fd, line.encode() + b'\n')
+            except OSError:
+                pass
+
+    try:
+        daemon = Daemon(options, on_ready=lambda: report('ready'))
+        daemon.prepare()
+        daemon.serve()
+        return EXIT_OK
+    except UserError as exc:
+        log.error('%s', exc)
+        report(f'error {exc.exit_code} {exc}')
+        if ready_fd < 0:
+            print(f'cachefs: error: {exc}', file=sys.stderr)
+        return exc.exit_code
+    except Exception:
+        log.exception('the daemon failed')
+        report(f'error {EXIT_INTERNAL} internal error; see the log')
+        return EXIT_INTERNAL
+
+
+def spawn_daemon(options):
+    argv = [sys.executable, '-m', 'cachefs', 'mount', '--foreground'] + _argv_of(options)
+    read_end, write_end = os.pipe()
+    env = dict(os.environ, **{READY_FD_ENV: str(write_end)})
+    log_target = open(options.log_file, 'ab') if options.log_file else subprocess.DEVNULL
+    try:
+        daemon = subprocess.Popen(argv, env=env, pass_fds=(write_end,), start_new_session=True,
+                                  stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                  stderr=log_target)
+    finally:
+        os.close(write_end)
+        if log_target is not subprocess.DEVNULL:
+            log_target.close()
+    with os.fdopen(read_end, 'rb') as reader:
+        line = reader.readline().decode(errors='replace').strip()
+    if line == 'ready':
+        return EXIT_OK
+    if line.startswith('error '):
+        _, code, message = line.split(' ', 2)
+        print(f'cachefs: error: {message}', file=sys.stderr)
+        daemon.wait()
+        return int(code)
+    status = daemon.wait()
+    where = f'; see {options.log_file}' if options.log_file else '; run with --foreground to see why'
+    print(f'cachefs: error: the daemon exited with status {status} before the mount was ready'
+          f'{where}', file=sys.stderr)
+    return EXIT_INTERNAL
+
+
+def _argv_of(options):
+    """The parsed options back as a command line, for the daemon process."""
+    from .config import MOUNT_OPTIONS
+    argv = [options.source, options.mountpoint]
+    for option in MOUNT_OPTIONS:
+        value = getattr(options, option.name.replace('-', '_'))
+        if option.kind == 'flag':
+            if value:
+                argv.append('--' + option.name)
+        elif value is not None:
+            argv += ['--' + option.name, str(value)]
+    return argv
+
+
+# -- umount --
+
+def daemon_pid(mountpoint):
+    """The PID of the daemon serving `mountpoint`, None for a dead mount; raises when not ours."""
+    from .fuse.operations import XATTR_PID
+    try:
+        return int(os.getxattr(mountpoint, XATTR_PID))
+    except OSError as exc:
+        if exc.errno == errno.ENOTCONN:
+            return None
+        entry = mounts.find_mount(os.path.abspath(mountpoint))
+        if entry is None or entry.fstype != 'fuse.cachefs':
+            raise UserError(f'{mountpoint} is not a cachefs mount', EXIT_NOT_MOUNTED) from None
+        return None
+
+
+def command_umount(options):
+    mountpoint = os.path.abspath(options.mountpoint)
+    pid = daemon_pid(mountpoint)
+    ok, message = mounts.unmount(mountpoint, lazy=pid is None)
+    if not ok:
+        raise UserError(f'cannot unmount {mountpoint}: {message}', EXIT_NOT_MOUNTED)
+    if pid is not None and not _wait_for_exit(pid, options.timeout):
+        print(f'cachefs: warning: unmounted, but daemon {pid} is still running after '
+              f'{options.timeout:g}s', file=sys.stderr)
+    return EXIT_OK
+
+
+def _wait_for_exit(pid, timeout):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+# -- stats --
+
+def read_stats(mountpoint):
+    from .fuse.operations import XATTR_STATS
+    try:
+        return json.loads(os.getxattr(mountpoint, XATTR_STATS))
+    except OSError:
+        raise UserError(f'{mountpoint} is not a live cachefs mount', EXIT_NOT_MOUNTED) from None
+
+
+def command_stats(options):
+    stats = read_stats(options.mountpoint)
+    if options.json:
+        print(json.dumps(stats, indent=2, sort_keys=True))
+        return EXIT_OK
+    lookups = stats['hits'] + stats['misses']
+    ratio = stats['hits'] / lookups if lookups else 0.0
+    print(f"source          {stats['source']}  (pid {stats['pid']}, up {stats['uptime_s']:.0f}s)")
+    print(f"dataset         {stats['files']} files, {format_size(stats['dataset_bytes'])}")
+    print(f"block hits      {stats['hits']} of {lookups} ({ratio:.1%})")
+    print(f"store           {stats['store_requests']} requests, "
+          f"{format_size(stats['store_bytes'])}, {stats['store_retries']} retries, "
+          f"{stats['store_errors']} errors")
+    print(f"memory tier     {format_size(stats['memory_used_bytes'])} in "
+          f"{stats['memory_blocks']} blocks, {stats['evictions']} evictions")
+    return EXIT_OK
+
+
+def command_demo(options):
+    from .demo.run import run_demo
+    return run_demo(options)
+
+
+COMMANDS = {'mount': command_mount, 'umount': command_umount, 'unmount': command_umount,
+            'stats': command_stats, 'demo': command_demo}
+
+
+def mount_helper(argv=None):
+    """`mount.cachefs SOURCE MOUNTPOINT [-o options]`, as mount(8) and fstab call it.
+
+    mount(8) passes -n (no mtab), -s (sloppy), -v (verbose) and -f (fake: do nothing).
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if '-f' in argv:
+        return EXIT_OK
+    argv = [arg for arg in argv if arg not in ('-n', '-s', '-v')]
+    return main(['mount'] + argv)

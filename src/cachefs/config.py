@@ -1,0 +1,137 @@
+"""Mount options: one table that feeds `--long-options`, fstab-style `-o name=value` and docs.
+
+Every option has a long form; `-o cache_size=100G,allow_other` is rewritten into the same long
+options before argparse sees it, so both spellings are checked and converted by the same code.
+Generic mount(8) options that mean nothing to cachefs (ro, noauto, _netdev, x-systemd.*) are
+accepted and ignored so that /etc/fstab lines and systemd .mount units work.
+"""
+
+import argparse
+import logging
+import os
+from dataclasses import dataclass
+
+from .errors import EXIT_USAGE, UserError
+from .units import parse_duration, parse_size
+
+log = logging.getLogger(__name__)
+
+MiB = 1 << 20
+GiB = 1 << 30
+
+
+def default_cache_dir():
+    if os.geteuid() == 0:
+        return '/var/cache/cachefs'
+    base = os.environ.get('XDG_CACHE_HOME') or os.path.expanduser('~/.cache')
+    return os.path.join(base, 'cachefs')
+
+
+@dataclass(frozen=True)
+class Option:
+    name: str               # long option without dashes, e.g. 'cache-size'
+    kind: str               # 'str', 'int', 'size', 'duration', 'flag', 'choice'
+    default: object
+    help: str
+    choices: tuple = ()
+
+
+MOUNT_OPTIONS = (
+    Option('cache-dir', 'str', None,
+           'cache folder (one subfolder per source; default /var/cache/cachefs as root, '
+           '~/.cache/cachefs otherwise)'),
+    Option('endpoint-url', 'str', None,
+           'S3 or OSS endpoint, e.g. http://127.0.0.1:8333 or oss-cn-hangzhou.aliyuncs.com '
+           '(S3 also reads AWS_ENDPOINT_URL, OSS reads OSS_ENDPOINT)'),
+    Option('region', 'str', None, 'S3 region (default: from the AWS configuration)'),
+    Option('path-style', 'flag', False, 'path-style addressing (http://host/bucket/key)'),
+    Option('no-sign-request', 'flag', False, 'anonymous access to a public S3 bucket'),
+    Option('block-size', 'size', 4 * MiB, 'cache block size, the unit of store reads'),
+    Option('memory-cache-size', 'size', 1 * GiB, 'memory tier capacity'),
+    Option('metadata-ttl', 'duration', 24 * 3600.0,
+           'age after which the saved listing is refreshed from the store ("inf": never)'),
+    Option('entry-timeout', 'duration', 7200.0, 'how long the kernel caches name lookups'),
+    Option('attr-timeout', 'duration', 7200.0, 'how long the kernel caches file attributes'),
+    Option('max-idle-threads', 'int', 128,
+           'FUSE requests served concurrently (pyfuse3 max_tasks; libfuse max_idle_threads)'),
+    Option('store-concurrency', 'int', 32, 'store requests in flight (worker threads)'),
+    Option('request-timeout', 'duration', 30.0, 'timeout of one store request'),
+    Option('retry-timeout', 'duration', 60.0,
+           'total time a failing store read is retried before the read fails with EIO'),
+    Option('read-ahead', 'size', 4 * MiB,
+           "kernel readahead of the mount (as root; 4M makes the kernel send 1 MiB reads)"),
+    Option('max-background', 'int', 64,
+           'FUSE background requests the kernel keeps in flight (as root)'),
+    Option('allow-other', 'flag', False, 'let other users read the mount'),
+    Option('uid', 'int', None, 'owner of every file (default: the daemon user)'),
+    Option('gid', 'int', None, 'group of every file (default: the daemon group)'),
+    Option('log-file', 'str', None, 'log to this file instead of stderr'),
+    Option('log-level', 'choice', 'info', 'log verbosity',
+           ('debug', 'info', 'warning', 'error')),
+)
+
+# mount(8)/fstab options that carry no meaning for cachefs.
+IGNORED_MOUNT_OPTIONS = {'ro', 'rw', 'defaults', 'auto', 'noauto', 'user', 'nouser', 'users',
+                         'dev', 'nodev', 'suid', 'nosuid', 'exec', 'noexec', '_netdev', 'nofail',
+                         'atime', 'noatime', 'relatime', 'norelatime', 'strictatime', 'sync',
+                         'async', 'owner', 'group', 'comment'}
+
+
+def _converter(option):
+    def convert(text):
+        try:
+            if option.kind == 'size':
+                return parse_size(text)
+            if option.kind == 'duration':
+                return parse_duration(text)
+            if option.kind == 'int':
+                return int(text)
+            return text
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+    convert.__name__ = option.kind     # argparse names the type in its messages
+    return convert
+
+
+def add_mount_options(parser):
+    for option in MOUNT_OPTIONS:
+        flag = '--' + option.name
+        if option.kind == 'flag':
+            parser.add_argument(flag, action='store_true', default=option.default, help=option.help)
+        elif option.kind == 'choice':
+            parser.add_argument(flag, choices=option.choices, default=option.default,
+                                help=f'{option.help} (default: {option.default})')
+        else:
+            shown = '' if option.default is None else f' (default: {option.default})'
+            parser.add_argument(flag, type=_converter(option), default=option.default,
+                                metavar=option.kind.upper(), help=option.help + shown)
+
+
+def expand_dash_o(argv):
+    """Rewrite `-o a=b,c` (and `-oa=b`) into `--a b --c`; drop generic mount(8) options."""
+    known = {option.name: option for option in MOUNT_OPTIONS}
+    extra = {'foreground': None}
+    result = []
+    args = iter(argv)
+    for arg in args:
+        if arg == '-o' or (arg.startswith('-o') and not arg.startswith('--')):
+            value = arg[2:] or next(args, None)
+            if value is None:
+                raise UserError('-o needs a value, e.g. -o cache_size=100G', EXIT_USAGE)
+            for item in filter(None, value.split(',')):
+                name, has_value, setting = item.partition('=')
+                name = name.strip().replace('_', '-')
+                if name in IGNORED_MOUNT_OPTIONS or name.startswith('x-'):
+                    continue
+                option = known.get(name)
+                if option is None and name not in extra:
+                    raise UserError(f'unknown mount option {item!r} in -o', EXIT_USAGE)
+                result.append('--' + name)
+                if option is not None and option.kind != 'flag':
+                    if not has_value:
+                        raise UserError(f'mount option {name!r} needs a value ({name}=...)',
+                                        EXIT_USAGE)
+                    result.append(setting)
+        else:
+            result.append(arg)
+    return result

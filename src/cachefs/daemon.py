@@ -1,0 +1,231 @@
+"""Mount one source and serve it until unmounted: the daemon's whole life in order.
+
+1. checks that need no network (mount point, /dev/fuse, credentials present, cache folder);
+2. the namespace: the saved listing when it is fresh, else one listing of the store;
+3. pyfuse3 mount, then the trio loop; once the mount answers its own getxattr, the kernel knobs
+   are raised and readiness is reported (to the parent `cachefs mount`, and to systemd);
+4. SIGTERM/SIGINT or an external umount end the loop; the mount is always released.
+
+User mistakes raise `UserError` before anything is mounted, so nothing is left behind.
+"""
+
+import hashlib
+import logging
+import os
+import re
+import signal
+import socket
+import time
+
+import pyfuse3
+import trio
+
+from . import mounts
+from .cache.blocks import BlockCache
+from .cache.listing import load_listing, save_listing
+from .config import default_cache_dir
+from .errors import (EXIT_ACCESS, EXIT_CACHE, EXIT_FUSE, EXIT_SOURCE_MISSING, EXIT_STORE,
+                     UserError)
+from .fuse.operations import XATTR_PID, Operations
+from .namespace import build_tree
+from .ufs import open_store, parse_source
+from .ufs.async_store import AsyncStore, call_with_retries
+from .ufs.errors import AccessDenied, BucketNotFound, ObjectNotFound, StoreError
+
+log = logging.getLogger(__name__)
+
+
+def source_folder_name(source, endpoint_url):
+    """A readable, unique folder name per source (and endpoint: one bucket name, two stores)."""
+    identity = f'{source}|{endpoint_url or ""}'
+    digest = hashlib.sha256(identity.encode()).hexdigest()[:12]
+    readable = re.sub(r'[^A-Za-z0-9._-]+', '_', str(source).split('://', 1)[-1]).strip('_')[:60]
+    return f'{source.scheme}-{readable}-{digest}'
+
+
+def prepare_cache_folder(cache_dir, name):
+    folder = os.path.join(cache_dir, name)
+    try:
+        os.makedirs(folder, mode=0o700, exist_ok=True)
+        os.chmod(folder, 0o700)
+        probe = os.path.join(folder, f'.probe.{os.getpid()}')
+        with open(probe, 'wb') as f:
+            f.write(b'ok')
+        os.unlink(probe)
+    except OSError as exc:
+        raise UserError(f'cache folder {folder}: {exc.strerror}', EXIT_CACHE) from None
+    return folder
+
+
+def _store_user_error(exc, source):
+    if isinstance(exc, BucketNotFound) or (isinstance(exc, ObjectNotFound)
+                                          and source.scheme == 'file'):
+        if source.scheme == 'file':
+            return UserError(f'source folder {source.prefix} does not exist', EXIT_SOURCE_MISSING)
+        return UserError(f'bucket {source.bucket!r} of {source} does not exist', EXIT_SOURCE_MISSING)
+    if isinstance(exc, AccessDenied):
+        return UserError(f'access denied to {source}: {exc}', EXIT_ACCESS)
+    return UserError(f'cannot reach {source}: {exc}', EXIT_STORE)
+
+
+def load_namespace(store, source, folder, options):
+    """Return the object list: the saved one while fresh, else a new listing (then saved)."""
+    saved = load_listing(folder, str(source))
+    if saved is not None:
+        listed_at, objects = saved
+        age = time.time() - listed_at
+        if age < options.metadata_ttl:
+            log.info('using the saved listing of %s (%d objects, %.0fs old)', source,
+                     len(objects), age)
+            return listed_at, objects
+    try:
+        has_objects = call_with_retries(store.check_access, retry_timeout=options.retry_timeout)
+        if not has_objects and source.prefix and source.scheme != 'file':
+            raise UserError(f'prefix {source.prefix!r} of {source} holds no objects',
+                            EXIT_SOURCE_MISSING)
+        started = time.monotonic()
+        objects = call_with_retries(lambda: list(store.list_objects()),
+                                    retry_timeout=options.retry_timeout)
+    except StoreError as exc:
+        if saved is not None:
+            log.warning('cannot list %s (%s); using the saved listing from %s', source, exc,
+                        time.ctime(saved[0]))
+            return saved
+        raise _store_user_error(exc, source) from None
+    log.info('listed %d objects of %s in %.1fs', len(objects), source, time.monotonic() - started)
+    listed_at = time.time()
+    try:
+        save_listing(folder, str(source), objects, listed_at)
+    except OSError as exc:
+        log.warning('could not save the listing in %s: %s', folder, exc.strerror)
+    return listed_at, objects
+
+
+def notify_systemd(message):
+    """sd_notify without a dependency: one datagram to $NOTIFY_SOCKET."""
+    address = os.environ.get('NOTIFY_SOCKET')
+    if not address:
+        return
+    if address.startswith('@'):
+        address = '\0' + address[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            sock.connect(address)
+            sock.sendall(message.encode())
+    except OSError as exc:
+        log.warning('could not notify systemd: %s', exc)
+
+
+class Daemon:
+    def __init__(self, options, on_ready=None):
+        self.options = options
+        self.on_ready = on_ready or (lambda: None)
+        self.source = parse_source(options.source)
+        self.mountpoint = os.path.abspath(options.mountpoint)
+        self.store = None
+        self.cache = None
+        self.tree = None
+        self.started_at = time.time()
+
+    # -- setup: everything that can fail because of the user happens before mounting --
+
+    def prepare(self):
+        options = self.options
+        mounts.check_mountpoint(self.mountpoint)
+        mounts.check_fuse_device()
+        self.store = open_store(self.source, options)
+        cache_dir = options.cache_dir or default_cache_dir()
+        self.folder = prepare_cache_folder(
+            cache_dir, source_folder_name(self.source, options.endpoint_url))
+        listed_at, objects = load_namespace(self.store, self.source, self.folder, options)
+        self.tree = build_tree(objects, int(listed_at * 1e9))
+        log.info('%s: %d files, %d folders, %d bytes', self.source, self.tree.file_count,
+                 self.tree.dir_count, self.tree.total_bytes)
+
+    def stats(self):
+        store = self.async_store.counters
+        cache = self.cache.counters
+        return {
+            'source': str(self.source),
+            'pid': os.getpid(),
+            'uptime_s': round(time.time() - self.started_at, 3),
+            'files': self.tree.file_count,
+            'dirs': self.tree.dir_count,
+            'dataset_bytes': self.tree.total_bytes,
+            'store_requests': store.requests,
+            'store_bytes': store.bytes,
+            'store_retries': store.retries,
+            'store_errors': store.errors,
+            'hits': cache.hits,
+            'misses': cache.misses,
+            'shared_fetches': cache.shared_fetches,
+            'memory_used_bytes': self.cache.memory.used,
+            'memory_blocks': len(self.cache.memory),
+            'evictions': self.cache.memory.evictions,
+        }
+
+    # -- serving --
+
+    def serve(self):
+        options = self.options
+        self.async_store = None   # trio objects are created inside trio.run
+        fuse_options = set(pyfuse3.default_options)
+        fuse_options |= {'fsname=cachefs:' + str(self.source).replace(',', '%2C'),
+                         'subtype=cachefs', 'ro'}
+        if options.allow_other:
+            fuse_options.add('allow_other')
+        trio.run(self._serve, fuse_options)
+
+    async def _serve(self, fuse_options):
+        options = self.options
+        self.async_store = AsyncStore(self.store, options.store_concurrency, options.retry_timeout)
+        self.cache = BlockCache(self.async_store, options.block_size, options.memory_cache_size)
+        operations = Operations(
+            self.tree, self.cache, entry_timeout=options.entry_timeout,
+            attr_timeout=options.attr_timeout,
+            uid=os.getuid() if options.uid is None else options.uid,
+            gid=os.getgid() if options.gid is None else options.gid, stats=self.stats)
+        try:
+            pyfuse3.init(operations, self.mountpoint, fuse_options)
+        except RuntimeError as exc:
+            raise UserError(f'FUSE refused to mount {self.mountpoint}: {exc}', EXIT_FUSE) from None
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._announce_when_answering)
+                nursery.start_soon(self._stop_on_signal)
+                await pyfuse3.main(min_tasks=4, max_tasks=options.max_idle_threads)
+                nursery.cancel_scope.cancel()
+            log.info('%s was unmounted', self.mountpoint)
+        finally:
+            pyfuse3.close(unmount=True)
+            self.store.close()
+
+    async def _announce_when_answering(self):
+        pid = str(os.getpid()).encode()
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                answer = await trio.to_thread.run_sync(os.getxattr, self.mountpoint, XATTR_PID)
+                if answer == pid:
+                    break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                log.error('the mount did not answer within 60 s')
+                pyfuse3.terminate()
+                return
+            await trio.sleep(0.02)
+        await trio.to_thread.run_sync(mounts.tune_kernel, self.mountpoint,
+                                      self.options.read_ahead, self.options.max_background)
+        log.info('mounted %s on %s', self.source, self.mountpoint)
+        self.on_ready()
+        notify_systemd('READY=1\nSTATUS=serving ' + self.mountpoint)
+
+    async def _stop_on_signal(self):
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for signum in signals:
+                log.info('received %s: unmounting %s', signal.Signals(signum).name,
+                         self.mountpoint)
+                notify_systemd('STOPPING=1')
+                pyfuse3.terminate()
+                return

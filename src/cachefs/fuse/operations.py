@@ -1,0 +1,184 @@
+"""pyfuse3 request handlers: a read-only filesystem over a `namespace.Tree` and a `BlockCache`.
+
+Metadata requests (lookup, getattr, readdir, open, statfs) are answered from the tree without
+yielding to the event loop and never reach the store. Reads go to the block cache. Every write
+request fails with EROFS.
+
+pyfuse3 ends its main loop when a handler raises anything but `FUSEError`, which would take the
+mount down; `_handler` turns every other exception into EIO (logged with its traceback) and every
+store error into its errno.
+
+Control channel: extended attributes of the root folder (`user.cachefs.pid`,
+`user.cachefs.stats`) let `cachefs umount` and `cachefs stats` find and query the daemon of a
+mount without any file or socket of their own.
+"""
+
+import errno
+import functools
+import json
+import logging
+import os
+
+import pyfuse3
+
+from ..namespace import ROOT_INODE, file_mode
+from ..ufs.errors import StoreError
+
+log = logging.getLogger(__name__)
+
+XATTR_PID = b'user.cachefs.pid'
+XATTR_STATS = b'user.cachefs.stats'
+_WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND | os.O_CREAT
+
+
+def _handler(method):
+    @functools.wraps(method)
+    async def wrapper(self, *args):
+        try:
+            return await method(self, *args)
+        except pyfuse3.FUSEError:
+            raise
+        except StoreError as exc:
+            log.warning('%s failed: %s', method.__name__, exc)
+            raise pyfuse3.FUSEError(exc.errno) from None
+        except Exception:
+            log.exception('unexpected error in %s%r; answering EIO', method.__name__, args[:3])
+            raise pyfuse3.FUSEError(errno.EIO) from None
+    return wrapper
+
+
+class Operations(pyfuse3.Operations):
+    supports_dot_lookup = True
+    enable_writeback_cache = False
+    enable_acl = False
+
+    def __init__(self, tree, cache, *, entry_timeout, attr_timeout, uid, gid, stats=None):
+        super().__init__()
+        self.tree = tree
+        self.cache = cache
+        self.entry_timeout = entry_timeout
+        self.attr_timeout = attr_timeout
+        self.uid = uid
+        self.gid = gid
+        self.stats = stats or (lambda: {})
+
+    def _node(self, inode):
+        node = self.tree.get(inode)
+        if node is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return node
+
+    def _attributes(self, node):
+        attrs = pyfuse3.EntryAttributes()
+        attrs.st_ino = node.inode
+        attrs.st_mode = file_mode(node)
+        attrs.st_nlink = 2 if node.is_dir else 1
+        attrs.st_uid = self.uid
+        attrs.st_gid = self.gid
+        attrs.st_size = node.size
+        attrs.st_blksize = self.cache.block_size
+        attrs.st_blocks = (node.size + 511) // 512
+        attrs.st_atime_ns = attrs.st_mtime_ns = attrs.st_ctime_ns = node.mtime_ns
+        attrs.entry_timeout = self.entry_timeout
+        attrs.attr_timeout = self.attr_timeout
+        return attrs
+
+    # -- metadata: answered from the tree --
+
+    @_handler
+    async def lookup(self, parent_inode, name, ctx=None):
+        if name == b'.':
+            return self._attributes(self._node(parent_inode))
+        if name == b'..':
+            return self._attributes(self._node(self._node(parent_inode).parent))
+        node = self.tree.lookup(parent_inode, name)
+        if node is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return self._attributes(node)
+
+    @_handler
+    async def getattr(self, inode, ctx=None):
+        return self._attributes(self._node(inode))
+
+    async def forget(self, inode_list):
+        # The tree holds every inode for the life of the mount: nothing to release.
+        pass
+
+    @_handler
+    async def opendir(self, inode, ctx):
+        if not self._node(inode).is_dir:
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        return inode
+
+    @_handler
+    async def readdir(self, fh, start_id, token):
+        folder = self._node(fh)
+        children = folder.children
+        names = folder.sorted_names
+        # start_id is the index of the next entry to send; READDIRPLUS takes the attributes too.
+        for index in range(start_id, len(names)):
+            name = names[index]
+            if not pyfuse3.readdir_reply(token, name, self._attributes(children[name]), index + 1):
+                return
+
+    async def releasedir(self, fh):
+        pass
+
+    @_handler
+    async def statfs(self, ctx):
+        stats = pyfuse3.StatvfsData()
+        block_size = self.cache.block_size
+        stats.f_bsize = stats.f_frsize = block_size
+        stats.f_blocks = (self.tree.total_bytes + block_size - 1) // block_size
+        stats.f_bfree = stats.f_bavail = 0
+        stats.f_files = len(self.tree.nodes)
+        stats.f_ffree = stats.f_favail = 0
+        stats.f_namemax = 255
+        return stats
+
+    # -- data --
+
+    @_handler
+    async def open(self, inode, flags, ctx):
+        node = self._node(inode)
+        if node.is_dir:
+            raise pyfuse3.FUSEError(errno.EISDIR)
+        if flags & _WRITE_FLAGS:
+            raise pyfuse3.FUSEError(errno.EROFS)
+        # The object is immutable for a given ETag: let the kernel keep its pages across opens.
+        return pyfuse3.FileInfo(fh=inode, keep_cache=True)
+
+    @_handler
+    async def read(self, fh, offset, size):
+        node = self._node(fh)
+        return await self.cache.read(node.key, node.etag, node.size, offset, size)
+
+    async def release(self, fh):
+        pass
+
+    # -- control channel --
+
+    @_handler
+    async def getxattr(self, inode, name, ctx):
+        if inode == ROOT_INODE:
+            if name == XATTR_PID:
+                return str(os.getpid()).encode()
+            if name == XATTR_STATS:
+                return json.dumps(self.stats(), sort_keys=True).encode()
+        self._node(inode)
+        raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+
+    @_handler
+    async def listxattr(self, inode, ctx):
+        self._node(inode)
+        return []
+
+    # -- every write operation: a read-only file system --
+    # (flush and fsync stay unimplemented: pyfuse3's ENOSYS makes the kernel stop sending them,
+    # and an error there would make close() fail.)
+
+    async def _refuse_write(self, *args):
+        raise pyfuse3.FUSEError(errno.EROFS)
+
+    setattr = mknod = mkdir = unlink = rmdir = symlink = rename = link = _refuse_write
+    create = write = setxattr = removexattr = _refuse_write

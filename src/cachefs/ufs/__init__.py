@@ -1,0 +1,69 @@
+"""Stores ("under file systems"): where the bytes live. `open_store` turns a source URL into one."""
+
+import logging
+import os
+import re
+from dataclasses import dataclass
+
+from ..errors import EXIT_ACCESS, EXIT_USAGE, UserError
+from .errors import CredentialsMissing
+
+log = logging.getLogger(__name__)
+
+_BUCKET_NAME = re.compile(r'^[a-z0-9][a-z0-9.\-_]{1,254}$', re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class SourceURL:
+    scheme: str     # 's3', 'oss' or 'file'
+    bucket: str     # '' for file
+    prefix: str     # '' or ending in '/'; for file: the absolute folder path
+
+    def __str__(self):
+        if self.scheme == 'file':
+            return 'file://' + self.prefix
+        return f'{self.scheme}://{self.bucket}/{self.prefix}'.rstrip('/')
+
+
+def parse_source(text):
+    """'s3://bucket/some/prefix' -> SourceURL('s3', 'bucket', 'some/prefix/')."""
+    if '://' not in text:
+        return SourceURL('file', '', os.path.abspath(text))
+    scheme, _, rest = text.partition('://')
+    scheme = scheme.lower()
+    if scheme == 'file':
+        if not rest.startswith('/'):
+            raise UserError(f'bad source URL {text!r}: use file:///absolute/path', EXIT_USAGE)
+        return SourceURL('file', '', os.path.abspath(rest))
+    if scheme not in ('s3', 'oss'):
+        raise UserError(f'unknown source scheme {scheme!r} in {text!r} '
+                        '(use s3://bucket/prefix, oss://bucket/prefix or a local path)', EXIT_USAGE)
+    bucket, _, prefix = rest.partition('/')
+    if not _BUCKET_NAME.match(bucket):
+        raise UserError(f'bad bucket name {bucket!r} in {text!r}', EXIT_USAGE)
+    prefix = prefix.strip('/')
+    return SourceURL(scheme, bucket, prefix + '/' if prefix else '')
+
+
+def open_store(source, options):
+    """Build the `Store` for a parsed source. Raises `UserError` for missing configuration."""
+    try:
+        if source.scheme == 'file':
+            from .local import LocalStore
+            return LocalStore(source.prefix)
+        if source.scheme == 's3':
+            from .s3 import S3Store
+            return S3Store(source.bucket, source.prefix,
+                           endpoint_url=options.endpoint_url or None, region=options.region or None,
+                           path_style=options.path_style, request_timeout=options.request_timeout,
+                           no_sign_request=options.no_sign_request,
+                           max_connections=options.store_concurrency)
+        from .oss import OssStore
+        endpoint = options.endpoint_url or os.environ.get('OSS_ENDPOINT')
+        if not endpoint:
+            raise UserError('oss:// needs --endpoint-url (for example '
+                            'oss-cn-hangzhou.aliyuncs.com) or OSS_ENDPOINT', EXIT_USAGE)
+        return OssStore(source.bucket, source.prefix, endpoint,
+                        request_timeout=options.request_timeout, path_style=options.path_style)
+    except CredentialsMissing as exc:
+        raise UserError(str(exc), EXIT_ACCESS) from None

@@ -1,0 +1,102 @@
+"""The trio face of a blocking `Store`: worker threads, a concurrency bound, retries, counters.
+
+Every SDK call runs in a worker thread under one `CapacityLimiter`, never on the trio thread
+(pyfuse3 runs all FUSE requests on that one thread: a blocking call there stalls the mount).
+Retries use exponential backoff with full jitter and stop once `retry_timeout` would be exceeded;
+the per-request timeout lives in each backend's SDK configuration.
+"""
+
+import logging
+import random
+import time
+
+import trio
+
+from .errors import StoreError
+
+log = logging.getLogger(__name__)
+
+_FIRST_BACKOFF = 0.05
+_MAX_BACKOFF = 5.0
+
+
+class RetryBudget:
+    """Exponential backoff with full jitter, bounded by a total time budget."""
+
+    __slots__ = ('_deadline', '_backoff')
+
+    def __init__(self, retry_timeout):
+        self._deadline = time.monotonic() + retry_timeout
+        self._backoff = _FIRST_BACKOFF
+
+    def delay_after(self, exc):
+        """Seconds to wait before retrying after `exc`, or None when it must be raised."""
+        delay = random.uniform(0, self._backoff)
+        if not exc.retryable or time.monotonic() + delay >= self._deadline:
+            return None
+        self._backoff = min(self._backoff * 2, _MAX_BACKOFF)
+        return delay
+
+
+class StoreCounters:
+    __slots__ = ('requests', 'bytes', 'retries', 'errors', 'in_flight')
+
+    def __init__(self):
+        self.requests = 0
+        self.bytes = 0
+        self.retries = 0
+        self.errors = 0
+        self.in_flight = 0
+
+
+class AsyncStore:
+    def __init__(self, store, max_concurrency=32, retry_timeout=60.0):
+        self.store = store
+        self.source = store.source
+        self.retry_timeout = retry_timeout
+        self.counters = StoreCounters()
+        self._limiter = trio.CapacityLimiter(max_concurrency)
+
+    async def read(self, key, etag, offset, length):
+        data = await self._call(self.store.read, key, etag, offset, length)
+        self.counters.bytes += len(data)
+        return data
+
+    async def stat(self, key):
+        return await self._call(self.store.stat, key)
+
+    async def list_objects(self):
+        # One thread call for the whole listing: pagination is sequential anyway.
+        return await self._call(lambda: list(self.store.list_objects()))
+
+    async def _call(self, fn, *args):
+        budget = RetryBudget(self.retry_timeout)
+        while True:
+            self.counters.requests += 1
+            self.counters.in_flight += 1
+            try:
+                return await trio.to_thread.run_sync(fn, *args, limiter=self._limiter)
+            except StoreError as exc:
+                self.counters.errors += 1
+                delay = budget.delay_after(exc)
+                if delay is None:
+                    raise
+                self.counters.retries += 1
+                log.info('retrying %s after %s (in %.2fs)', getattr(fn, '__name__', 'request'), exc, delay)
+                await trio.sleep(delay)
+            finally:
+                self.counters.in_flight -= 1
+
+
+def call_with_retries(fn, *args, retry_timeout=60.0):
+    """The same retry policy for blocking callers outside trio (the mount's initial listing)."""
+    budget = RetryBudget(retry_timeout)
+    while True:
+        try:
+            return fn(*args)
+        except StoreError as exc:
+            delay = budget.delay_after(exc)
+            if delay is None:
+                raise
+            log.info('retrying after %s (in %.2fs)', exc, delay)
+            time.sleep(delay)

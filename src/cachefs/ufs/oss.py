@@ -1,0 +1,114 @@
+"""Aliyun OSS through oss2, with OSS's own signatures (not its S3-compatible API).
+
+Credentials come from OSS_ACCESS_KEY_ID / OSS_ACCESS_KEY_SECRET and, for STS, OSS_SESSION_TOKEN.
+The endpoint is required (`--endpoint-url oss-cn-hangzhou.aliyuncs.com`, https is assumed when
+no scheme is given). oss2's own retries are off: `async_store` owns the retry policy.
+"""
+
+import logging
+import os
+
+import oss2
+import oss2.defaults
+import oss2.exceptions
+import requests.exceptions
+
+from .base import ObjectInfo, Store
+from .errors import (AccessDenied, BucketNotFound, CredentialsMissing, EndpointUnreachable,
+                     ObjectChanged, ObjectNotFound, StoreError, TransientError)
+
+log = logging.getLogger(__name__)
+
+_DENIED = {'AccessDenied', 'InvalidAccessKeyId', 'SignatureDoesNotMatch', 'SecurityTokenExpired',
+           'InvalidSecurityToken', 'UserDisable'}
+_TRANSIENT = {'RequestTimeTooSkewed', 'RequestTimeout', 'InternalError', 'ServiceUnavailable',
+              'Throttling', 'QpsLimitExceeded', 'TooManyRequests'}
+
+
+def translate(exc, what):
+    """Map an oss2 exception to a `StoreError`; secrets never reach the message."""
+    if isinstance(exc, oss2.exceptions.RequestError):
+        cause = exc.exception
+        if isinstance(cause, (requests.exceptions.ConnectionError,
+                              requests.exceptions.ConnectTimeout)) and not isinstance(
+                                  cause, requests.exceptions.ReadTimeout):
+            return EndpointUnreachable(f'{what}: cannot connect to the endpoint')
+        return TransientError(f'{what}: {type(cause).__name__}')
+    if isinstance(exc, oss2.exceptions.OssError):
+        code, status = exc.code, exc.status
+        message = f'{what}: {code or status} {exc.message or ""}'.rstrip()
+        if code == 'NoSuchBucket':
+            return BucketNotFound(message)
+        if code == 'NoSuchKey' or status == 404:
+            return ObjectNotFound(message)
+        if code in _DENIED or status in (401, 403):
+            return AccessDenied(message)
+        if code == 'PreconditionFailed' or status == 412:
+            return ObjectChanged(message)
+        if code in _TRANSIENT or status >= 500 or status == 429 or status < 0:
+            return TransientError(message)
+        return StoreError(message)
+    return TransientError(f'{what}: {type(exc).__name__}: {exc}')
+
+
+_SDK_ERRORS = (oss2.exceptions.OssError, OSError, requests.exceptions.RequestException)
+
+
+class OssStore(Store):
+    def __init__(self, bucket, prefix, endpoint_url, request_timeout=30.0, path_style=False):
+        key_id = os.environ.get('OSS_ACCESS_KEY_ID')
+        secret = os.environ.get('OSS_ACCESS_KEY_SECRET')
+        token = os.environ.get('OSS_SESSION_TOKEN')
+        if not key_id or not secret:
+            raise CredentialsMissing(
+                'no OSS credentials found (set OSS_ACCESS_KEY_ID and OSS_ACCESS_KEY_SECRET, '
+                'and OSS_SESSION_TOKEN for STS)')
+        auth = oss2.StsAuth(key_id, secret, token) if token else oss2.Auth(key_id, secret)
+        if '://' not in endpoint_url:
+            endpoint_url = 'https://' + endpoint_url
+        # oss2 keeps one requests session per Bucket; its pool must cover our worker threads.
+        oss2.defaults.connection_pool_size = max(oss2.defaults.connection_pool_size, 64)
+        self.bucket_name = bucket
+        self.prefix = prefix
+        self.bucket = oss2.Bucket(auth, endpoint_url, bucket, connect_timeout=request_timeout,
+                                  enable_crc=False, app_name='cachefs', is_path_style=path_style)
+        self.source = f'oss://{bucket}/{prefix}'.rstrip('/')
+
+    def list_objects(self):
+        start = len(self.prefix)
+        try:
+            for item in oss2.ObjectIteratorV2(self.bucket, prefix=self.prefix, max_keys=1000,
+                                              max_retries=1):
+                yield ObjectInfo(item.key[start:], item.size, item.etag.strip('"'),
+                                 int(item.last_modified) * 1_000_000_000)
+        except _SDK_ERRORS as exc:
+            raise translate(exc, f'listing {self.source}') from None
+
+    def read(self, key, etag, offset, length):
+        what = f'reading {self.bucket_name}/{self.prefix}{key}'
+        # 'standard' makes an unsatisfiable range an error instead of a silent whole-object reply.
+        headers = {'If-Match': f'"{etag}"', 'x-oss-range-behavior': 'standard'}
+        try:
+            result = self.bucket.get_object(self.prefix + key, byte_range=(offset, offset + length - 1),
+                                            headers=headers)
+            data = result.read()
+        except _SDK_ERRORS as exc:
+            raise translate(exc, what) from None
+        if len(data) != length:
+            raise TransientError(f'{what}: got {len(data)} bytes of {length}')
+        return data
+
+    def stat(self, key):
+        try:
+            head = self.bucket.head_object(self.prefix + key)
+        except _SDK_ERRORS as exc:
+            raise translate(exc, f'stat {self.bucket_name}/{self.prefix}{key}') from None
+        return ObjectInfo(key, head.content_length, head.etag.strip('"'),
+                          int(head.last_modified) * 1_000_000_000)
+
+    def check_access(self):
+        try:
+            result = self.bucket.list_objects_v2(prefix=self.prefix, max_keys=1)
+        except _SDK_ERRORS as exc:
+            raise translate(exc, f'listing {self.source}') from None
+        return bool(result.object_list)

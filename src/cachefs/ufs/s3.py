@@ -1,0 +1,124 @@
+"""Amazon S3 and S3-compatible stores (SeaweedFS, MinIO, Ceph) through boto3.
+
+Credentials come from boto3's standard chain (environment, ~/.aws, instance or pod roles); the
+endpoint from `--endpoint-url` or AWS_ENDPOINT_URL. botocore's own retries are off: the retry
+policy lives in `async_store` so that it is the same for every store and bounded in total time.
+"""
+
+import logging
+
+import boto3
+import botocore.exceptions
+import urllib3.exceptions
+from botocore import UNSIGNED
+from botocore.config import Config
+
+from .base import ObjectInfo, Store
+from .errors import (AccessDenied, BucketNotFound, CredentialsMissing, EndpointUnreachable,
+                     ObjectChanged, ObjectNotFound, StoreError, TransientError)
+
+log = logging.getLogger(__name__)
+
+_NOT_FOUND = {'NoSuchKey', '404', 'NotFound'}
+_DENIED = {'AccessDenied', '403', 'InvalidAccessKeyId', 'SignatureDoesNotMatch', 'ExpiredToken',
+           'InvalidToken', 'AllAccessDisabled', 'AccountProblem', 'TokenRefreshRequired'}
+_CHANGED = {'PreconditionFailed', '412'}
+_TRANSIENT = {'SlowDown', 'Throttling', 'ThrottlingException', 'RequestTimeout', 'InternalError',
+              'ServiceUnavailable', 'RequestTimeTooSkewed', '500', '502', '503', '504'}
+
+
+def translate(exc, what):
+    """Map a boto3/botocore exception to a `StoreError`; secrets never reach the message."""
+    if isinstance(exc, botocore.exceptions.ClientError):
+        error = exc.response.get('Error', {})
+        code = str(error.get('Code', ''))
+        status = exc.response.get('ResponseMetadata', {}).get('HTTPStatusCode', 0)
+        message = f'{what}: {code or status} {error.get("Message", "")}'.rstrip()
+        if code == 'NoSuchBucket':
+            return BucketNotFound(message)
+        if code in _NOT_FOUND:
+            return ObjectNotFound(message)
+        if code in _DENIED or status in (401, 403):
+            return AccessDenied(message)
+        if code in _CHANGED or status == 412:
+            return ObjectChanged(message)
+        if code in _TRANSIENT or status >= 500 or status == 429:
+            return TransientError(message)
+        return StoreError(message)
+    if isinstance(exc, botocore.exceptions.NoCredentialsError):
+        return CredentialsMissing(f'{what}: no AWS credentials found')
+    if isinstance(exc, (botocore.exceptions.EndpointConnectionError,
+                        botocore.exceptions.ConnectTimeoutError)):
+        return EndpointUnreachable(f'{what}: cannot connect to the endpoint ({type(exc).__name__})')
+    # Read timeouts, dropped connections, truncated streams: botocore, urllib3 and OS errors.
+    return TransientError(f'{what}: {type(exc).__name__}: {exc}')
+
+
+_SDK_ERRORS = (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError, OSError,
+               urllib3.exceptions.HTTPError)
+
+
+class S3Store(Store):
+    def __init__(self, bucket, prefix, endpoint_url=None, region=None, path_style=False,
+                 request_timeout=30.0, no_sign_request=False, max_connections=64):
+        self.bucket = bucket
+        self.prefix = prefix
+        session = boto3.session.Session()
+        if not no_sign_request and session.get_credentials() is None:
+            raise CredentialsMissing(
+                'no AWS credentials found (set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, '
+                'AWS_PROFILE or ~/.aws/credentials, or use --no-sign-request for public buckets)')
+        config = Config(
+            connect_timeout=request_timeout, read_timeout=request_timeout,
+            retries={'max_attempts': 1, 'mode': 'standard'},
+            max_pool_connections=max_connections, tcp_keepalive=True,
+            s3={'addressing_style': 'path' if path_style else 'auto'},
+            signature_version=UNSIGNED if no_sign_request else None,
+            # Without this, newer botocore asks for checksums some S3-compatible stores lack.
+            response_checksum_validation='when_required',
+            request_checksum_calculation='when_required')
+        self.client = session.client('s3', endpoint_url=endpoint_url, region_name=region,
+                                     config=config)
+        self.source = f's3://{bucket}/{prefix}'.rstrip('/')
+
+    def list_objects(self):
+        paginator = self.client.get_paginator('list_objects_v2')
+        start = len(self.prefix)
+        try:
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=self.prefix):
+                for item in page.get('Contents', ()):
+                    yield ObjectInfo(item['Key'][start:], item['Size'], item['ETag'].strip('"'),
+                                     int(item['LastModified'].timestamp() * 1e9))
+        except _SDK_ERRORS as exc:
+            raise translate(exc, f'listing {self.source}') from None
+
+    def read(self, key, etag, offset, length):
+        what = f'reading {self.bucket}/{self.prefix}{key}'
+        try:
+            response = self.client.get_object(
+                Bucket=self.bucket, Key=self.prefix + key, IfMatch=f'"{etag}"',
+                Range=f'bytes={offset}-{offset + length - 1}')
+            data = response['Body'].read()
+        except _SDK_ERRORS as exc:
+            raise translate(exc, what) from None
+        if len(data) != length:
+            raise TransientError(f'{what}: got {len(data)} bytes of {length}')
+        return data
+
+    def stat(self, key):
+        try:
+            head = self.client.head_object(Bucket=self.bucket, Key=self.prefix + key)
+        except _SDK_ERRORS as exc:
+            raise translate(exc, f'stat {self.bucket}/{self.prefix}{key}') from None
+        return ObjectInfo(key, head['ContentLength'], head['ETag'].strip('"'),
+                          int(head['LastModified'].timestamp() * 1e9))
+
+    def check_access(self):
+        try:
+            page = self.client.list_objects_v2(Bucket=self.bucket, Prefix=self.prefix, MaxKeys=1)
+        except _SDK_ERRORS as exc:
+            raise translate(exc, f'listing {self.source}') from None
+        return bool(page.get('KeyCount') or page.get('Contents'))
+
+    def close(self):
+        self.client.close()
