@@ -205,14 +205,21 @@ def command_umount(options):
     return EXIT_OK
 
 
+def process_alive(pid):
+    """True while `pid` runs; a zombie waiting for its reaper counts as gone."""
+    try:
+        with open(f'/proc/{pid}/stat') as f:
+            return f.read().rsplit(')', 1)[1].split()[0] != 'Z'
+    except FileNotFoundError:
+        return False
+
+
 def _wait_for_exit(pid, timeout):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
+        if not process_alive(pid):
             return True
-        time.sleep(0.05)
+        time.sleep(0.02)
     return False
 
 

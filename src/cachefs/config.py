@@ -117,12 +117,13 @@ def expand_dash_o(argv):
         if arg == '-o' or (arg.startswith('-o') and not arg.startswith('--')):
             value = arg[2:] or next(args, None)
             if value is None:
-                raise UserError('-o needs a value, e.g. -o cache_size=100G', EXIT_USAGE)
+                raise UserError('-o needs a value, e.g. -o memory_cache_size=2G', EXIT_USAGE)
             for item in filter(None, value.split(',')):
                 name, has_value, setting = item.partition('=')
-                name = name.strip().replace('_', '-')
+                name = name.strip()
                 if name in IGNORED_MOUNT_OPTIONS or name.startswith('x-'):
                     continue
+                name = name.replace('_', '-')
                 option = known.get(name)
                 if option is None and name not in extra:
                     raise UserError(f'unknown mount option {item!r} in -o', EXIT_USAGE)

@@ -131,8 +131,8 @@ class Daemon:
 
     def prepare(self):
         options = self.options
-        mounts.check_mountpoint(self.mountpoint)
         mounts.check_fuse_device()
+        mounts.check_mountpoint(self.mountpoint)
         self.store = open_store(self.source, options)
         cache_dir = options.cache_dir or default_cache_dir()
         self.folder = prepare_cache_folder(

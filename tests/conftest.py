@@ -1,0 +1,226 @@
+"""Fixtures: real object-store servers on loopback, datasets, and real FUSE mounts.
+
+Every server and mount started here is stopped in teardown, by PID, even when a test fails.
+SeaweedFS serves the S3 protocol; `support.oss_server` the OSS protocol (no ready-made server
+accepts oss2's signatures); the local source needs no server. S3 traffic goes through
+`support.proxy.CountingProxy` so that tests count store requests on the wire.
+"""
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from cachefs.cli import process_alive  # noqa: E402
+from cachefs.demo.dataset import make_edge_case_tree, tree_manifest  # noqa: E402
+from cachefs.demo.seaweed import SeaweedServer, upload_tree  # noqa: E402
+from support.oss_server import OssServer  # noqa: E402
+from support.proxy import CountingProxy  # noqa: E402
+
+BLOCK_SIZE = 1 << 20          # small blocks in tests, so that small files span many of them
+S3_BUCKET = 'cachefs-test'
+OSS_BUCKET = 'cachefs-oss-test'
+OSS_KEY_ID, OSS_SECRET = 'oss-test-key', 'oss-test-secret-Zq81'
+
+
+def fuse_available():
+    return os.path.exists('/dev/fuse') and os.access('/dev/fuse', os.R_OK | os.W_OK)
+
+
+def pytest_collection_modifyitems(config, items):
+    if fuse_available():
+        return
+    skip = pytest.mark.skip(reason='/dev/fuse is absent or not accessible')
+    for item in items:
+        if 'fuse' in item.keywords:
+            item.add_marker(skip)
+
+
+def pytest_configure(config):
+    config.addinivalue_line('markers', 'fuse: needs /dev/fuse and mounts a real file system')
+
+
+def clean_env(**extra):
+    """The environment of a cachefs process: no AWS/OSS settings of the developer's leak in."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(('AWS_', 'OSS_', 'NOTIFY_SOCKET'))}
+    env['AWS_CONFIG_FILE'] = env['AWS_SHARED_CREDENTIALS_FILE'] = '/dev/null'
+    env['AWS_EC2_METADATA_DISABLED'] = 'true'
+    env.update(extra)
+    return env
+
+
+def run_cachefs(*args, env=None, timeout=120):
+    return subprocess.run([sys.executable, '-m', 'cachefs', *map(str, args)], env=env or clean_env(),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def sha256_of(path):
+    digest = hashlib.sha256()
+    with open(path, 'rb') as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@dataclass
+class Source:
+    """A store holding the edge-case tree, and how to mount it."""
+    name: str
+    url: str
+    args: list
+    env: dict
+    manifest: dict                       # relpath -> (size, sha256)
+    local_root: Path
+    request_count: object = None         # () -> requests the store has seen (None for local)
+    extra: dict = field(default_factory=dict)
+
+
+@pytest.fixture(scope='session')
+def edge_tree(tmp_path_factory):
+    root = tmp_path_factory.mktemp('edge-tree')
+    make_edge_case_tree(root, seed=7, block_size=BLOCK_SIZE)
+    return root, tree_manifest(root)
+
+
+@pytest.fixture(scope='session')
+def seaweed(tmp_path_factory):
+    folder = tmp_path_factory.mktemp('seaweedfs')
+    server = SeaweedServer(folder / 'data', log_path=folder / 'weed.log')
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope='session')
+def s3_proxy(seaweed):
+    with CountingProxy('127.0.0.1', seaweed.s3_port) as proxy:
+        yield proxy
+
+
+@pytest.fixture(scope='session')
+def s3_source(seaweed, s3_proxy, edge_tree):
+    root, manifest = edge_tree
+    client = seaweed.client()
+    seaweed.create_bucket(S3_BUCKET)
+    upload_tree(client, S3_BUCKET, 'data/', root)
+    env = clean_env(AWS_ACCESS_KEY_ID=seaweed.access_key, AWS_SECRET_ACCESS_KEY=seaweed.secret_key,
+                    AWS_DEFAULT_REGION='us-east-1')
+    return Source('s3', f's3://{S3_BUCKET}/data', ['--endpoint-url', s3_proxy.endpoint],
+                  env, manifest, root, s3_proxy.count)
+
+
+@pytest.fixture(scope='session')
+def oss_server(tmp_path_factory):
+    server = OssServer(str(tmp_path_factory.mktemp('oss')), {OSS_KEY_ID: OSS_SECRET})
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope='session')
+def oss_source(oss_server, edge_tree):
+    root, manifest = edge_tree
+    oss_server.create_bucket(OSS_BUCKET)
+    for relpath in manifest:
+        oss_server.put_object(OSS_BUCKET, 'data/' + relpath, (root / relpath).read_bytes())
+    env = clean_env(OSS_ACCESS_KEY_ID=OSS_KEY_ID, OSS_ACCESS_KEY_SECRET=OSS_SECRET)
+    return Source('oss', f'oss://{OSS_BUCKET}/data', ['--endpoint-url', oss_server.endpoint],
+                  env, manifest, root, oss_server.request_count)
+
+
+@pytest.fixture(scope='session')
+def local_source(edge_tree):
+    root, manifest = edge_tree
+    return Source('local', str(root), [], clean_env(), manifest, root)
+
+
+@pytest.fixture(params=['local', 's3', 'oss'])
+def source(request):
+    return request.getfixturevalue(f'{request.param}_source')
+
+
+@dataclass
+class Mounted:
+    path: Path
+    pid: int
+    cache_dir: Path
+    log_file: Path
+
+    def stats(self):
+        return json.loads(os.getxattr(self.path, 'user.cachefs.stats'))
+
+
+pid_alive = process_alive
+
+
+def is_mounted(path):
+    path = os.path.abspath(path)
+    with open('/proc/self/mountinfo') as f:
+        return any(line.split()[4] == path for line in f)
+
+
+class Mounter:
+    """Mounts through the real CLI and undoes everything in `cleanup`."""
+
+    def __init__(self, tmp_path):
+        self.tmp_path = tmp_path
+        self.mounted = []
+        self.cache_dir = tmp_path / 'cache'
+
+    def mountpoint(self, name='mnt'):
+        path = self.tmp_path / name
+        path.mkdir(exist_ok=True)
+        return path
+
+    def mount(self, source, *args, name='mnt', cache_dir=None, env=None):
+        path = self.mountpoint(name)
+        cache_dir = cache_dir or self.cache_dir
+        log_file = self.tmp_path / f'{name}.log'
+        result = run_cachefs('mount', source.url, path, *source.args, '--cache-dir', cache_dir,
+                             '--block-size', BLOCK_SIZE, '--log-file', log_file, '--log-level',
+                             'debug', *args, env=env or source.env)
+        assert result.returncode == 0, (result.stderr, log_file.read_text()
+                                        if log_file.exists() else '')
+        pid = int(os.getxattr(path, 'user.cachefs.pid'))
+        mounted = Mounted(path, pid, Path(cache_dir), log_file)
+        self.mounted.append(mounted)
+        return mounted
+
+    def umount(self, mounted):
+        result = run_cachefs('umount', mounted.path)
+        assert result.returncode == 0, result.stderr
+        return result
+
+    def cleanup(self):
+        for mounted in self.mounted:
+            if is_mounted(mounted.path):
+                run_cachefs('umount', mounted.path, '--timeout', '15')
+            if is_mounted(mounted.path):
+                subprocess.run(['fusermount3', '-u', '-z', str(mounted.path)], check=False)
+            deadline = time.monotonic() + 10
+            while pid_alive(mounted.pid) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            if pid_alive(mounted.pid):
+                os.kill(mounted.pid, 9)
+
+
+@pytest.fixture
+def mounter(tmp_path):
+    mounter = Mounter(tmp_path)
+    try:
+        yield mounter
+    finally:
+        mounter.cleanup()

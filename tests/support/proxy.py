@@ -1,0 +1,114 @@
+"""A counting (and, for fault tests, misbehaving) HTTP proxy between cachefs and a test store.
+
+Tests must count store requests at the wire, not with the daemon's own counters: this proxy
+forwards every request unchanged (Host header included, so S3 signatures stay valid) to the
+upstream server and records (method, path, query). `fault` is an optional callable that may
+replace the forwarding for a request (used by the fault-injection tests).
+"""
+
+import http.client
+import logging
+import threading
+import urllib.parse
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+log = logging.getLogger(__name__)
+
+_HOP_BY_HOP = {'connection', 'keep-alive', 'proxy-connection', 'transfer-encoding', 'upgrade',
+               'te', 'trailer'}
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = 'HTTP/1.1'
+
+    def log_message(self, fmt, *args):
+        log.debug('proxy: ' + fmt, *args)
+
+    def _forward(self):
+        proxy = self.server.proxy
+        parsed = urllib.parse.urlsplit(self.path)
+        length = int(self.headers.get('Content-Length') or 0)
+        body = self.rfile.read(length) if length else None
+        proxy.record(self.command, parsed.path, parsed.query, self.headers)
+        if proxy.fault is not None and proxy.fault(self, body):
+            return
+        upstream = proxy.upstream_connection()
+        headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP_BY_HOP}
+        try:
+            upstream.request(self.command, self.path, body=body, headers=headers)
+            response = upstream.getresponse()
+            payload = response.read()
+        except (OSError, http.client.HTTPException):
+            proxy.drop_upstream_connection()
+            self.send_error(502)
+            return
+        self.send_response(response.status, response.reason)
+        for key, value in response.getheaders():
+            if key.lower() not in _HOP_BY_HOP and key.lower() != 'content-length':
+                self.send_header(key, value)
+        self.send_header('Content-Length', str(len(payload)))
+        self.end_headers()
+        if self.command != 'HEAD':
+            self.wfile.write(payload)
+
+    do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _forward
+
+
+class CountingProxy:
+    def __init__(self, upstream_host, upstream_port):
+        self.upstream = (upstream_host, upstream_port)
+        self.fault = None
+        self._lock = threading.Lock()
+        self._local = threading.local()
+        self.requests = []
+        self._server = ThreadingHTTPServer(('127.0.0.1', 0), _Handler)
+        self._server.daemon_threads = True
+        self._server.proxy = self
+        self._thread = None
+
+    @property
+    def endpoint(self):
+        return f'http://127.0.0.1:{self._server.server_address[1]}'
+
+    def record(self, method, path, query, headers):
+        with self._lock:
+            self.requests.append((method, urllib.parse.unquote(path), query))
+
+    def count(self, method=None):
+        with self._lock:
+            return sum(1 for r in self.requests if method is None or r[0] == method)
+
+    def reset(self):
+        with self._lock:
+            self.requests.clear()
+
+    def upstream_connection(self):
+        connection = getattr(self._local, 'connection', None)
+        if connection is None:
+            connection = self._local.connection = http.client.HTTPConnection(*self.upstream,
+                                                                             timeout=60)
+        return connection
+
+    def drop_upstream_connection(self):
+        connection = getattr(self._local, 'connection', None)
+        if connection is not None:
+            connection.close()
+            self._local.connection = None
+
+    def start(self):
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True,
+                                        name='counting-proxy')
+        self._thread.start()
+        return self
+
+    def stop(self):
+        self._server.shutdown()
+        self._server.server_close()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
