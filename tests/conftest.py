@@ -99,7 +99,8 @@ def seaweed(tmp_path_factory):
     try:
         yield server
     finally:
-        server.stop()
+        # weed's graceful stop waits out a fixed 15 s timeout; its data is not needed afterwards
+        server.stop(timeout=2)
 
 
 @pytest.fixture(scope='session')

@@ -3,6 +3,7 @@ leaves nothing mounted."""
 
 import os
 import shutil
+import stat
 import subprocess
 import sys
 
@@ -168,21 +169,20 @@ def test_no_fuse_device(local_source, empty_dir, tmp_path):
     assert_fails_cleanly(result, errors.EXIT_FUSE, '/dev/fuse', mountpoint=empty_dir)
 
 
-@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which('setpriv'), reason='needs root')
-def test_no_permission_on_fuse_device(local_source, tmp_path):
-    # The mount point, cache and source are world-accessible; only /dev/fuse (0600) is not.
-    os.chmod(tmp_path, 0o755)
-    mountpoint = tmp_path / 'user-mnt'
-    mountpoint.mkdir()
-    os.chown(mountpoint, 65534, 65534)
-    command = ['setpriv', '--reuid=65534', '--regid=65534', '--clear-groups', sys.executable,
-               '-m', 'cachefs', 'mount', local_source.url, str(mountpoint), '--cache-dir',
-               str(tmp_path / 'nobody-cache')]
-    env = clean_env(HOME=str(tmp_path))
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60)
-    if os.stat('/dev/fuse').st_mode & 0o006:
-        pytest.skip('/dev/fuse is world-accessible here')
-    assert_fails_cleanly(result, errors.EXIT_FUSE, '/dev/fuse', mountpoint=mountpoint)
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which('setpriv') or not shutil.which('unshare'),
+                    reason='needs root, setpriv and unshare')
+def test_no_permission_on_fuse_device(local_source, empty_dir, tmp_path):
+    # In a private mount namespace, /dev/fuse is replaced by a FUSE device node with mode 000,
+    # and the process runs without the capabilities that let root ignore file modes.
+    device = tmp_path / 'fuse'
+    os.mknod(device, 0o000 | stat.S_IFCHR, os.makedev(10, 229))
+    os.chmod(device, 0)
+    command = (f'mount --bind {device} /dev/fuse && exec setpriv --bounding-set '
+               f'-dac_override,-dac_read_search {sys.executable} -m cachefs mount '
+               f'{local_source.url} {empty_dir} --cache-dir {tmp_path / "cache"}')
+    result = subprocess.run(['unshare', '-m', '--propagation', 'private', 'sh', '-c', command],
+                            env=clean_env(), capture_output=True, text=True, timeout=60)
+    assert_fails_cleanly(result, errors.EXIT_FUSE, 'permission', mountpoint=empty_dir)
 
 
 def test_umount_of_a_folder_that_is_not_a_mount(empty_dir):

@@ -3,10 +3,14 @@
 import errno
 import os
 import random
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 
-from conftest import is_mounted, pid_alive, sha256_of
+from conftest import clean_env, is_mounted, pid_alive, run_cachefs, sha256_of
 
 pytestmark = pytest.mark.fuse
 
@@ -109,7 +113,9 @@ def test_remount_reuses_the_saved_listing_without_listing_again(source, mounter)
     mounter.umount(mounter.mount(source))
     before = source.request_count()
     mounted = mounter.mount(source)
-    assert walk_manifest(mounted.path).keys() == source.manifest.keys()
+    names = {os.path.relpath(os.path.join(folder, name), mounted.path)
+             for folder, _, files in os.walk(mounted.path) for name in files}
+    assert names == source.manifest.keys()
     assert source.request_count() == before
 
 
@@ -138,3 +144,52 @@ def test_stats_count_store_traffic_and_hits(local_source, mounter):
     stats = mounted.stats()
     assert stats['store_bytes'] >= local_source.manifest[big][0]
     assert stats['misses'] > 0
+
+
+def wait_until(predicate, timeout=30):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+@pytest.mark.parametrize('signum', [signal.SIGTERM, signal.SIGINT])
+def test_foreground_mount_unmounts_cleanly_on_signal(local_source, tmp_path, signum):
+    mountpoint = tmp_path / 'mnt'
+    mountpoint.mkdir()
+    daemon = subprocess.Popen([sys.executable, '-m', 'cachefs', 'mount', '--foreground',
+                               local_source.url, str(mountpoint), '--cache-dir',
+                               str(tmp_path / 'cache')], env=clean_env(),
+                              stderr=subprocess.PIPE, text=True)
+    try:
+        assert wait_until(lambda: is_mounted(mountpoint)), 'the mount did not appear'
+        assert sorted(os.listdir(mountpoint)) == sorted(os.listdir(local_source.local_root))
+        daemon.send_signal(signum)
+        assert daemon.wait(timeout=30) == 0, daemon.stderr.read()
+        assert not is_mounted(mountpoint)
+    finally:
+        if daemon.poll() is None:
+            daemon.kill()
+            daemon.wait()
+        if is_mounted(mountpoint):
+            subprocess.run(['fusermount3', '-u', '-z', str(mountpoint)], check=False)
+
+
+def test_mount_helper_takes_fstab_style_options(local_source, tmp_path):
+    mountpoint = tmp_path / 'mnt'
+    mountpoint.mkdir()
+    helper = os.path.join(os.path.dirname(sys.executable), 'mount.cachefs')
+    result = subprocess.run([helper, local_source.url, str(mountpoint), '-o',
+                             f'ro,nodev,_netdev,cache_dir={tmp_path / "cache"},'
+                             'entry_timeout=1h,block_size=2M'],
+                            env=clean_env(), capture_output=True, text=True, timeout=60)
+    try:
+        assert result.returncode == 0, result.stderr
+        assert is_mounted(mountpoint)
+        some_file = next(p for p in local_source.manifest if local_source.manifest[p][0])
+        assert sha256_of(mountpoint / some_file) == local_source.manifest[some_file][1]
+    finally:
+        run_cachefs('umount', mountpoint)
+    assert not is_mounted(mountpoint)

@@ -99,9 +99,10 @@ class _HashingWriter:
 
 
 def _write_whole(root: Path, rel: str, pieces: list) -> Entry:
-    """Write a small file in one syscall and hash it in one call."""
+    """Write a small file with one write call and hash it in one call."""
     data = b"".join(pieces)
-    with open(root / rel, "wb", buffering=0) as f:
+    # Buffered: BufferedWriter retries short writes, a large write skips the buffer.
+    with open(root / rel, "wb") as f:
         f.write(data)
     return rel, len(data), hashlib.sha256(data).hexdigest()
 

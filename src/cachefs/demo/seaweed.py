@@ -504,5 +504,5 @@ def upload_tree(client, bucket: str, prefix: str, local_root, threads: int = 8,
     total = sum(size for _, size in done)
     elapsed = time.monotonic() - t0
     log.info("uploaded %d files, %.1f MiB to s3://%s/%s in %.1f s (%.0f MiB/s)",
-             len(done), total / MiB, bucket, prefix, elapsed, total / MiB / max(elapsed, 1e-9))
+             len(done), total / MiB, bucket, prefix.strip("/"), elapsed, total / MiB / max(elapsed, 1e-9))
     return sorted(done)
