@@ -153,6 +153,12 @@ def source(request):
     return request.getfixturevalue(f'{request.param}_source')
 
 
+@pytest.fixture(params=['s3', 'oss'])
+def remote_source(request):
+    """A source behind a server that counts the requests it receives."""
+    return request.getfixturevalue(f'{request.param}_source')
+
+
 @dataclass
 class Mounted:
     path: Path

@@ -92,11 +92,9 @@ def test_umount_leaves_nothing_mounted_or_running(source, mounter):
     assert os.listdir(mounted.path) == []
 
 
-def test_metadata_requests_after_mount_never_reach_the_store(source, mounter):
-    if source.request_count is None:
-        pytest.skip('the local source has no server to count requests at')
-    mounted = mounter.mount(source)
-    before = source.request_count()
+def test_metadata_requests_after_mount_never_reach_the_store(remote_source, mounter):
+    mounted = mounter.mount(remote_source)
+    before = remote_source.request_count()
     for _ in range(2):
         for folder, dirs, files in os.walk(mounted.path):
             for name in files + dirs:
@@ -104,19 +102,17 @@ def test_metadata_requests_after_mount_never_reach_the_store(source, mounter):
     with pytest.raises(FileNotFoundError):
         os.stat(mounted.path / 'no-such-file')
     os.statvfs(mounted.path)
-    assert source.request_count() == before
+    assert remote_source.request_count() == before
 
 
-def test_remount_reuses_the_saved_listing_without_listing_again(source, mounter):
-    if source.request_count is None:
-        pytest.skip('the local source has no server to count requests at')
-    mounter.umount(mounter.mount(source))
-    before = source.request_count()
-    mounted = mounter.mount(source)
+def test_remount_reuses_the_saved_listing_without_listing_again(remote_source, mounter):
+    mounter.umount(mounter.mount(remote_source))
+    before = remote_source.request_count()
+    mounted = mounter.mount(remote_source)
     names = {os.path.relpath(os.path.join(folder, name), mounted.path)
              for folder, _, files in os.walk(mounted.path) for name in files}
-    assert names == source.manifest.keys()
-    assert source.request_count() == before
+    assert names == remote_source.manifest.keys()
+    assert remote_source.request_count() == before
 
 
 def test_metadata_ttl_zero_lists_the_store_again_at_mount(s3_source, mounter):
