@@ -9,9 +9,11 @@ accepts oss2's signatures); the local source needs no server. S3 traffic goes th
 import hashlib
 import json
 import os
+import random
 import subprocess
 import sys
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -231,3 +233,86 @@ def mounter(tmp_path):
         yield mounter
     finally:
         mounter.cleanup()
+
+
+def write_tree(root, files):
+    """files: {relpath: bytes}. Returns the manifest {relpath: (size, sha256)}."""
+    manifest = {}
+    for relpath, data in files.items():
+        path = Path(root) / relpath
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+        manifest[relpath] = (len(data), hashlib.sha256(data).hexdigest())
+    return manifest
+
+
+def small_dataset(seed):
+    """A few files spanning several test blocks, with a partial last block."""
+    rng = random.Random(seed)
+    return {f'shard-{i}.bin': rng.randbytes(int(BLOCK_SIZE * (2.5 + i))) for i in range(3)} | {
+        'labels/classes.txt': b'cat\ndog\n'}
+
+
+@pytest.fixture
+def mutable_s3_source(seaweed, s3_proxy, s3_source, tmp_path):
+    """A prefix of its own in the S3 bucket, which the test may change."""
+    prefix = f'mutable-{uuid.uuid4().hex[:8]}'
+    root = tmp_path / 'mutable-src'
+    manifest = write_tree(root, small_dataset(seed=prefix))
+    upload_tree(seaweed.client(), S3_BUCKET, prefix + '/', root)
+    return Source('s3', f's3://{S3_BUCKET}/{prefix}', s3_source.args, s3_source.env, manifest,
+                  root, s3_proxy.count, extra={'client': seaweed.client(), 'prefix': prefix})
+
+
+@pytest.fixture
+def private_oss_source(tmp_path):
+    """An OSS server of this test's own, which the test may stop."""
+    server = OssServer(str(tmp_path / 'oss-data'), {OSS_KEY_ID: OSS_SECRET}).start()
+    try:
+        server.create_bucket(OSS_BUCKET)
+        root = tmp_path / 'oss-src'
+        manifest = write_tree(root, small_dataset(seed='oss'))
+        for relpath in manifest:
+            server.put_object(OSS_BUCKET, 'data/' + relpath, (root / relpath).read_bytes())
+        env = clean_env(OSS_ACCESS_KEY_ID=OSS_KEY_ID, OSS_ACCESS_KEY_SECRET=OSS_SECRET)
+        yield Source('oss', f'oss://{OSS_BUCKET}/data', ['--endpoint-url', server.endpoint],
+                     env, manifest, root, server.request_count, extra={'server': server})
+    finally:
+        server.stop()
+
+
+def wait_until(predicate, timeout=30):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def drop_page_cache():
+    """Make the next read reach the daemon instead of the kernel's page cache (root only)."""
+    if os.geteuid() != 0:
+        pytest.skip('dropping the page cache needs root')
+    os.sync()
+    Path('/proc/sys/vm/drop_caches').write_text('3')
+
+
+def wait_for_disk_writes(mounted, timeout=30):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        stats = mounted.stats()
+        if stats['disk_writes_pending'] == 0 and stats['disk_index_ready']:
+            return stats
+        time.sleep(0.05)
+    raise AssertionError('the SSD writes did not finish')
+
+
+def assert_tree_matches(root, manifest):
+    for relpath, (size, digest) in manifest.items():
+        assert os.path.getsize(Path(root) / relpath) == size, relpath
+        assert sha256_of(Path(root) / relpath) == digest, relpath
+
+
+def block_count(manifest):
+    return sum((size + BLOCK_SIZE - 1) // BLOCK_SIZE for size, _ in manifest.values())

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from conftest import clean_env, is_mounted, pid_alive, run_cachefs, sha256_of
+from conftest import clean_env, is_mounted, pid_alive, run_cachefs, sha256_of, wait_until
 
 pytestmark = pytest.mark.fuse
 
@@ -140,15 +140,6 @@ def test_stats_count_store_traffic_and_hits(local_source, mounter):
     stats = mounted.stats()
     assert stats['store_bytes'] >= local_source.manifest[big][0]
     assert stats['misses'] > 0
-
-
-def wait_until(predicate, timeout=30):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return False
 
 
 @pytest.mark.parametrize('signum', [signal.SIGTERM, signal.SIGINT])

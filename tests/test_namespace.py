@@ -3,7 +3,7 @@
 import os
 import random
 
-from cachefs.namespace import ROOT_INODE, build_tree
+from cachefs.namespace import ROOT_INODE, build_tree, tree_changes
 from cachefs.ufs.base import ObjectInfo
 
 
@@ -82,3 +82,21 @@ def test_counts_and_total_size():
 def test_readdir_order_is_sorted_by_name_bytes():
     tree = tree_of('b', 'a', 'C', 'ä')
     assert tree.root.sorted_names == sorted([b'b', b'a', b'C', 'ä'.encode()])
+
+
+def test_tree_changes_name_replaced_and_deleted_objects():
+    old = build_tree([ObjectInfo('keep', 1, 'e1', 0), ObjectInfo('replace', 1, 'e1', 0),
+                      ObjectInfo('dir/gone', 1, 'e1', 0)])
+    new = build_tree([ObjectInfo('keep', 1, 'e1', 0), ObjectInfo('replace', 1, 'e2', 0),
+                      ObjectInfo('dir/added', 1, 'e1', 0)])
+    changed, removed = tree_changes(old, new)
+    by_key = {n.key: i for i, n in old.nodes.items()}
+    assert changed == [by_key['dir/']]
+    assert sorted(removed) == sorted([(by_key['dir/'], b'gone'), (ROOT_INODE, b'replace')])
+
+
+def test_a_replaced_object_gets_a_new_inode_and_an_unchanged_one_keeps_its_own():
+    old = build_tree([ObjectInfo('a', 1, 'e1', 0), ObjectInfo('b', 1, 'e1', 0)])
+    new = build_tree([ObjectInfo('a', 1, 'e2', 0), ObjectInfo('b', 1, 'e1', 0)])
+    assert old.lookup(ROOT_INODE, b'a').inode != new.lookup(ROOT_INODE, b'a').inode
+    assert old.lookup(ROOT_INODE, b'b').inode == new.lookup(ROOT_INODE, b'b').inode

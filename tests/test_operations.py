@@ -40,8 +40,9 @@ def file_inode(operations):
 ])
 async def test_read_errors_become_errno_and_never_escape(error, expected):
     operations = operations_failing_with(error)
+    handle = await operations.open(file_inode(operations), os.O_RDONLY, None)
     with pytest.raises(pyfuse3.FUSEError) as raised:
-        await operations.read(file_inode(operations), 0, 10)
+        await operations.read(handle.fh, 0, 10)
     assert raised.value.errno == expected
 
 

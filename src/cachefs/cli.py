@@ -10,20 +10,21 @@ import errno
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 import time
 
 from . import __version__, mounts
 from .config import add_mount_options, expand_dash_o
-from .errors import (EXIT_CODES, EXIT_INTERNAL, EXIT_NOT_MOUNTED, EXIT_OK, EXIT_USAGE,
-                     UserError)
+from .errors import (EXIT_CODES, EXIT_INTERNAL, EXIT_NOT_MOUNTED, EXIT_OK, EXIT_STORE,
+                     EXIT_USAGE, UserError)
 from .units import format_size
 
 log = logging.getLogger(__name__)
 
 READY_FD_ENV = 'CACHEFS_READY_FD'
-SUBCOMMANDS = ('mount', 'umount', 'unmount', 'stats', 'demo')
+SUBCOMMANDS = ('mount', 'umount', 'unmount', 'refresh', 'stats', 'demo')
 
 
 class _Parser(argparse.ArgumentParser):
@@ -56,6 +57,12 @@ def build_parser():
         umount.add_argument('mountpoint')
         umount.add_argument('--timeout', type=float, default=60.0,
                             help='seconds to wait for the daemon to exit (default 60)')
+
+    refresh = commands.add_parser('refresh', help='list the store again now and show changes '
+                                  '(objects replaced, added or deleted) in the mount')
+    refresh.add_argument('mountpoint')
+    refresh.add_argument('--timeout', type=float, default=300.0,
+                         help='seconds to wait for the new listing (default 300)')
 
     stats = commands.add_parser('stats', help="print a mount's counters")
     stats.add_argument('mountpoint')
@@ -246,9 +253,29 @@ def command_stats(options):
     print(f"store           {stats['store_requests']} requests, "
           f"{format_size(stats['store_bytes'])}, {stats['store_retries']} retries, "
           f"{stats['store_errors']} errors")
-    print(f"memory tier     {format_size(stats['memory_used_bytes'])} in "
-          f"{stats['memory_blocks']} blocks, {stats['evictions']} evictions")
+    print(f"  from memory   {stats['memory_hits']}, from SSD {stats['disk_hits']}, "
+          f"prefetched {format_size(stats['prefetched_bytes'])}")
+    print(f"memory tier     {format_size(stats['memory_used_bytes'])} of "
+          f"{format_size(stats['memory_capacity_bytes'])} ({stats['memory_blocks']} blocks)")
+    print(f"SSD tier        {format_size(stats['disk_used_bytes'])} of "
+          f"{format_size(stats['disk_capacity_bytes'])}, {stats['evictions']} evictions "
+          f"({stats['eviction_policy']}), {stats['disk_writes']} writes, "
+          f"{stats['disk_corrupt_blocks']} corrupt blocks dropped")
     return EXIT_OK
+
+
+def command_refresh(options):
+    before = read_stats(options.mountpoint)
+    os.kill(before['pid'], signal.SIGHUP)
+    deadline = time.monotonic() + options.timeout
+    while time.monotonic() < deadline:
+        after = read_stats(options.mountpoint)
+        if after['listing_generation'] > before['listing_generation']:
+            print(f"refreshed: {after['files']} files, {format_size(after['dataset_bytes'])}")
+            return EXIT_OK
+        time.sleep(0.05)
+    raise UserError(f'no new listing after {options.timeout:g}s; see the daemon log',
+                    EXIT_STORE)
 
 
 def command_demo(options):
@@ -257,7 +284,7 @@ def command_demo(options):
 
 
 COMMANDS = {'mount': command_mount, 'umount': command_umount, 'unmount': command_umount,
-            'stats': command_stats, 'demo': command_demo}
+            'refresh': command_refresh, 'stats': command_stats, 'demo': command_demo}
 
 
 def mount_helper(argv=None):

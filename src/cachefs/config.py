@@ -30,7 +30,8 @@ def default_cache_dir():
 @dataclass(frozen=True)
 class Option:
     name: str               # long option without dashes, e.g. 'cache-size'
-    kind: str               # 'str', 'int', 'size', 'duration', 'flag', 'choice'
+    kind: str               # 'str', 'int', 'size', 'size_or_percent', 'ratio', 'duration',
+                            # 'flag' or 'choice'
     default: object
     help: str
     choices: tuple = ()
@@ -48,6 +49,17 @@ MOUNT_OPTIONS = (
     Option('no-sign-request', 'flag', False, 'anonymous access to a public S3 bucket'),
     Option('block-size', 'size', 4 * MiB, 'cache block size, the unit of store reads'),
     Option('memory-cache-size', 'size', 1 * GiB, 'memory tier capacity'),
+    Option('cache-size', 'size_or_percent', '80%',
+           'SSD tier capacity, bytes or a percentage of the cache disk (0 turns the tier off)'),
+    Option('free-space-ratio', 'ratio', 0.1,
+           'free space always left on the cache disk, even when other programs fill it'),
+    Option('eviction', 'choice', 'lru',
+           'SSD tier policy when full: lru, or none (fill once, then stop admitting; best when '
+           'the dataset is larger than the cache)', ('lru', 'none')),
+    Option('prefetch-window', 'size', 32 * MiB,
+           'largest read-ahead per sequentially read file (0 turns prefetch off)'),
+    Option('prefetch-memory', 'size', 512 * MiB,
+           'prefetch bytes in flight, for all readers together'),
     Option('metadata-ttl', 'duration', 24 * 3600.0,
            'age after which the saved listing is refreshed from the store ("inf": never)'),
     Option('entry-timeout', 'duration', 7200.0, 'how long the kernel caches name lookups'),
@@ -86,6 +98,13 @@ def _converter(option):
                 return parse_duration(text)
             if option.kind == 'int':
                 return int(text)
+            if option.kind == 'ratio':
+                value = float(text.rstrip('%')) / (100 if text.endswith('%') else 1)
+                if not 0 <= value < 1:
+                    raise ValueError(f'{text!r} is not a ratio between 0 and 1 (or 0% and 99%)')
+                return value
+            if option.kind == 'size_or_percent':
+                return text if str(text).endswith('%') and float(text[:-1]) <= 100 else parse_size(text)
             return text
         except ValueError as exc:
             raise argparse.ArgumentTypeError(str(exc)) from None

@@ -22,17 +22,20 @@ import trio
 
 from . import mounts
 from .cache.blocks import BlockCache
+from .cache.disk import DiskTier, disk_free
 from .cache.listing import load_listing, save_listing
 from .config import default_cache_dir
 from .errors import (EXIT_ACCESS, EXIT_CACHE, EXIT_FUSE, EXIT_SOURCE_MISSING, EXIT_STORE,
                      UserError)
 from .fuse.operations import XATTR_PID, Operations
-from .namespace import build_tree
+from .namespace import build_tree, tree_changes
 from .ufs import open_store, parse_source
 from .ufs.async_store import AsyncStore, call_with_retries
 from .ufs.errors import AccessDenied, BucketNotFound, ObjectNotFound, StoreError
 
 log = logging.getLogger(__name__)
+
+_MIN_REFRESH_INTERVAL = 10.0
 
 
 def source_folder_name(source, endpoint_url):
@@ -101,6 +104,20 @@ def load_namespace(store, source, folder, options):
     return listed_at, objects
 
 
+def _invalidate_inode(inode):
+    try:
+        pyfuse3.invalidate_inode(inode)
+    except OSError:
+        pass        # the kernel never saw this inode, or already forgot it
+
+
+def _invalidate_entry(parent, name):
+    try:
+        pyfuse3.invalidate_entry(parent, name)
+    except OSError:
+        pass
+
+
 def notify_systemd(message):
     """sd_notify without a dependency: one datagram to $NOTIFY_SOCKET."""
     address = os.environ.get('NOTIFY_SOCKET')
@@ -137,18 +154,39 @@ class Daemon:
         cache_dir = options.cache_dir or default_cache_dir()
         self.folder = prepare_cache_folder(
             cache_dir, source_folder_name(self.source, options.endpoint_url))
+        self.disk = self.make_disk_tier()
         listed_at, objects = load_namespace(self.store, self.source, self.folder, options)
+        self.listed_at = listed_at
+        self.listing_generation = 0
         self.tree = build_tree(objects, int(listed_at * 1e9))
         log.info('%s: %d files, %d folders, %d bytes', self.source, self.tree.file_count,
                  self.tree.dir_count, self.tree.total_bytes)
 
+    def make_disk_tier(self):
+        """The SSD tier in the source folder, or None when --cache-size is 0."""
+        options = self.options
+        capacity = options.cache_size
+        if isinstance(capacity, str):       # a percentage of the cache disk
+            capacity = int(disk_free(self.folder)[1] * float(capacity[:-1]) / 100)
+        if capacity <= 0:
+            return None
+        try:
+            return DiskTier(self.folder, options.block_size, capacity, options.free_space_ratio,
+                            options.eviction)
+        except OSError as exc:
+            raise UserError(f'cache folder {self.folder}: {exc.strerror}', EXIT_CACHE) from None
+
     def stats(self):
         store = self.async_store.counters
         cache = self.cache.counters
+        disk = self.cache.disk
+        disk_counters = disk.counters if disk is not None else None
         return {
             'source': str(self.source),
             'pid': os.getpid(),
             'uptime_s': round(time.time() - self.started_at, 3),
+            'listed_at': self.listed_at,
+            'listing_generation': self.listing_generation,
             'files': self.tree.file_count,
             'dirs': self.tree.dir_count,
             'dataset_bytes': self.tree.total_bytes,
@@ -156,12 +194,28 @@ class Daemon:
             'store_bytes': store.bytes,
             'store_retries': store.retries,
             'store_errors': store.errors,
-            'hits': cache.hits,
+            'hits': cache.memory_hits + cache.disk_hits,
+            'memory_hits': cache.memory_hits,
+            'disk_hits': cache.disk_hits,
             'misses': cache.misses,
             'shared_fetches': cache.shared_fetches,
+            'prefetches': cache.prefetches,
+            'prefetched_bytes': cache.prefetched_bytes,
             'memory_used_bytes': self.cache.memory.used,
+            'memory_capacity_bytes': self.cache.memory.capacity,
             'memory_blocks': len(self.cache.memory),
-            'evictions': self.cache.memory.evictions,
+            'memory_evictions': self.cache.memory.evictions,
+            'disk_used_bytes': disk.used if disk else 0,
+            'disk_capacity_bytes': disk.capacity if disk else 0,
+            'disk_index_ready': disk.index_ready if disk else True,
+            'disk_writes': disk_counters.writes if disk else 0,
+            'disk_writes_pending': self.cache.disk_writes_pending,
+            'disk_write_bytes': disk_counters.write_bytes if disk else 0,
+            'disk_skipped_writes': disk_counters.skipped_writes if disk else 0,
+            'disk_write_errors': disk_counters.write_errors if disk else 0,
+            'disk_corrupt_blocks': disk_counters.corrupt if disk else 0,
+            'evictions': disk_counters.evictions if disk else 0,
+            'eviction_policy': self.options.eviction,
         }
 
     # -- serving --
@@ -179,8 +233,10 @@ class Daemon:
     async def _serve(self, fuse_options):
         options = self.options
         self.async_store = AsyncStore(self.store, options.store_concurrency, options.retry_timeout)
-        self.cache = BlockCache(self.async_store, options.block_size, options.memory_cache_size)
-        operations = Operations(
+        self.cache = BlockCache(self.async_store, options.block_size, options.memory_cache_size,
+                                self.disk, options.prefetch_window,
+                                options.prefetch_memory)
+        operations = self.operations = Operations(
             self.tree, self.cache, entry_timeout=options.entry_timeout,
             attr_timeout=options.attr_timeout,
             uid=os.getuid() if options.uid is None else options.uid,
@@ -191,8 +247,10 @@ class Daemon:
             raise UserError(f'FUSE refused to mount {self.mountpoint}: {exc}', EXIT_FUSE) from None
         try:
             async with trio.open_nursery() as nursery:
+                await nursery.start(self.cache.run)
                 nursery.start_soon(self._announce_when_answering)
                 nursery.start_soon(self._stop_on_signal)
+                nursery.start_soon(self._refresh_periodically)
                 await pyfuse3.main(min_tasks=4, max_tasks=options.max_idle_threads)
                 nursery.cancel_scope.cancel()
             log.info('%s was unmounted', self.mountpoint)
@@ -220,6 +278,45 @@ class Daemon:
         log.info('mounted %s on %s', self.source, self.mountpoint)
         self.on_ready()
         notify_systemd('READY=1\nSTATUS=serving ' + self.mountpoint)
+
+    async def _refresh_periodically(self):
+        """List the store again every --metadata-ttl, and at once on SIGHUP (`cachefs refresh`)."""
+        ttl = self.options.metadata_ttl
+        delay = self.listed_at + ttl - time.time()
+        with trio.open_signal_receiver(signal.SIGHUP) as hangups:
+            while True:
+                # never more often than every 10 s, even with --metadata-ttl 0
+                with trio.move_on_after(max(delay, _MIN_REFRESH_INTERVAL)):
+                    await hangups.__anext__()
+                    log.info('SIGHUP: refreshing the listing of %s', self.source)
+                try:
+                    await self.refresh()
+                    delay = ttl
+                except StoreError as exc:
+                    log.warning('refreshing the listing failed (%s); keeping the current one', exc)
+                    delay = min(ttl, 60)
+
+    async def refresh(self):
+        """Swap in a new tree from a fresh listing and make the kernel forget what changed."""
+        objects = await self.async_store.list_objects()
+        listed_at = time.time()
+        tree = build_tree(objects, int(listed_at * 1e9))
+        changed, removed = tree_changes(self.tree, tree)
+        self.operations.replace_tree(tree)
+        self.tree = tree
+        self.listed_at = listed_at
+        for inode in changed:
+            await trio.to_thread.run_sync(_invalidate_inode, inode)
+        for parent, name in removed:
+            await trio.to_thread.run_sync(_invalidate_entry, parent, name)
+        self.listing_generation += 1
+        log.info('refreshed %s: %d changed, %d removed, %d files', self.source, len(changed),
+                 len(removed), tree.file_count)
+        try:
+            await trio.to_thread.run_sync(save_listing, self.folder, str(self.source), objects,
+                                          listed_at)
+        except OSError as exc:
+            log.warning('could not save the listing: %s', exc.strerror)
 
     async def _stop_on_signal(self):
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:

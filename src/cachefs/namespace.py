@@ -11,7 +11,10 @@ the listing, and each kind is logged once with a count:
   the object hidden (the same choice as mountpoint-s3);
 - a directory marker ("a/", usually empty) makes the folder exist even when nothing is under it;
   a marker with content is still only a folder.
-Inode numbers come from a hash of the path, so they are stable across remounts and refreshes.
+Inode numbers come from a hash of the path (and, for files, the ETag), so they are stable across
+remounts and refreshes while an object is unchanged, and a replaced object gets a new inode: the
+kernel's page cache of the old version then stays with the old inode, which handles opened before
+the change keep reading, and new opens see only the new version.
 """
 
 import hashlib
@@ -163,7 +166,8 @@ def build_tree(objects, listed_at_ns=0):
             continue
         parent_key, _, name = obj.key.rpartition('/')
         parent = dirs_by_key[parent_key]
-        node = Node(allocator.allocate(os.fsencode(obj.key)), os.fsencode(name), parent.inode,
+        identity = os.fsencode(obj.key) + b'\0' + obj.etag.encode()
+        node = Node(allocator.allocate(identity), os.fsencode(name), parent.inode,
                     obj.key, obj.size, obj.etag, obj.mtime_ns)
         parent.children[node.name] = node
         nodes[node.inode] = node
@@ -182,3 +186,21 @@ def build_tree(objects, listed_at_ns=0):
 
 def file_mode(node):
     return (stat.S_IFDIR | 0o555) if node.is_dir else (stat.S_IFREG | 0o444)
+
+
+def tree_changes(old, new):
+    """What the kernel must forget when `new` replaces `old`.
+
+    Returns (folder inodes whose list of names changed, (parent inode, name) entries that are
+    gone or now name another inode). A replaced object has a new inode, so it shows up as an
+    entry to forget, not as changed data.
+    """
+    changed = []
+    removed = []
+    for inode, node in old.nodes.items():
+        fresh = new.nodes.get(inode)
+        if fresh is None or fresh.key != node.key:
+            removed.append((node.parent, node.name))
+        elif node.is_dir and fresh.sorted_names != node.sorted_names:
+            changed.append(inode)
+    return changed, removed

@@ -1,24 +1,45 @@
-"""Block-aligned reads of objects through the cache tiers, with single-flight fetches.
+"""Block-aligned reads of objects through the memory and SSD tiers, with single-flight fetches
+and sequential prefetch.
 
 A block is identified by (key, etag, index): a changed object has a new ETag, so blocks of an
 older version can never be served for it. An object is split into `block_size` blocks; the last
-one is shorter. A FUSE read is served from the blocks it overlaps.
+one is shorter. A FUSE read is served from the blocks it overlaps, tier by tier:
 
-Concurrency rules (everything below runs on the one trio thread; only store calls leave it):
-- A cache hit never yields to the event loop and takes no lock.
-- A missing block is fetched once: the first reader registers a `_Fetch` in `_pending`, later
-  readers of the same block wait on its event and share the result (or the error).
-- A fetched block is checked for length before it is cached; a short or failed fetch caches
-  nothing, so a later read tries again.
+    memory tier (hot and prefetched blocks)  ->  SSD tier (block files)  ->  store (ranged GET)
+
+A block fetched from the store goes into memory and is queued for the SSD. A block read from the
+SSD is served from there and not copied into memory (no churn between tiers, no passive second
+copy); the kernel page cache keeps what is hot.
+
+Concurrency rules (S3QL style; written once, here):
+- Everything in this module runs on the one trio thread. Blocking work (store requests, SSD reads
+  that would wait for the disk, SSD writes, unlinks, the start-up scan) runs in worker threads
+  through functions that touch no shared state; their results are applied on the trio thread.
+  So the tiers and their indexes need no lock, and a cache hit takes none.
+- A memory hit, and an SSD hit whose pages are in the kernel page cache (read with
+  RWF_NOWAIT), never yield to the event loop.
+- A missing block is fetched once: the first reader (or the prefetcher) registers a `_Fetch`;
+  later readers of that block wait on it and share its bytes or its error. If the fetching task
+  is cancelled, a waiter fetches the block itself.
+- A fetched block must have exactly the expected length before it is cached or served.
+- Eviction only unlinks files; a reader that already opened one still reads whole, verified data.
+  Readers never see a partially written block file: writes are renamed into place.
+- Prefetch is bounded by one global budget of bytes in flight, whatever the number of readers.
 """
 
 import logging
+import os
 
+import cachetools
 import trio
 
+from .disk import CorruptBlock, disk_free, read_block_file, scan, unlink_quietly, write_block_file
 from .memory import MemoryTier
 
 log = logging.getLogger(__name__)
+
+_WRITE_QUEUE = 32            # blocks waiting for the SSD; beyond that, new blocks skip the SSD
+_SEQUENTIAL_SLACK = 8 << 20  # the kernel's parallel readahead arrives slightly out of order
 
 
 class _Fetch:
@@ -30,22 +51,72 @@ class _Fetch:
         self.error = None
 
 
-class CacheCounters:
-    __slots__ = ('hits', 'misses', 'shared_fetches')
+class _Stream:
+    """Sequential-read state of one object."""
+    __slots__ = ('next_offset', 'window')
 
     def __init__(self):
-        self.hits = 0
-        self.misses = 0
-        self.shared_fetches = 0
+        self.next_offset = 0
+        self.window = 0
+
+
+class CacheCounters:
+    __slots__ = ('memory_hits', 'disk_hits', 'misses', 'shared_fetches', 'prefetches',
+                 'prefetched_bytes', 'prefetch_dropped')
+
+    def __init__(self):
+        for name in self.__slots__:
+            setattr(self, name, 0)
 
 
 class BlockCache:
-    def __init__(self, store, block_size, memory_bytes):
+    def __init__(self, store, block_size, memory_bytes, disk=None, prefetch_window=0,
+                 prefetch_memory=0):
         self.store = store
         self.block_size = block_size
         self.memory = MemoryTier(memory_bytes)
+        self.disk = disk
         self.counters = CacheCounters()
+        self.max_window = prefetch_window // block_size
+        self.prefetch_budget = prefetch_memory
+        self.prefetch_in_flight = 0
         self._pending = {}
+        self._headers = cachetools.LRUCache(maxsize=65536)   # block file name -> Header
+        self._streams = cachetools.LRUCache(maxsize=4096)    # key -> _Stream
+        self._nursery = None
+        self._write_queue = None
+        self._writes_in_progress = 0
+
+    # -- life cycle --
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED):
+        """Background work: the start-up scan of the SSD tier, SSD writers, prefetch tasks."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            if self.disk is not None:
+                send, receive = trio.open_memory_channel(_WRITE_QUEUE)
+                self._write_queue = send
+                for _ in range(2):
+                    nursery.start_soon(self._disk_writer, receive.clone())
+                nursery.start_soon(self._index_disk)
+            task_status.started()
+            await trio.sleep_forever()
+
+    async def _index_disk(self):
+        found = await trio.to_thread.run_sync(scan, self.disk.folder)
+        self.disk.merge_scan(found)
+        self._enforce_disk_limits(self.disk.admission(0))
+
+    def _enforce_disk_limits(self, victims):
+        if victims:
+            self._nursery.start_soon(self._unlink, victims)
+
+    async def _unlink(self, names):
+        for name in names:
+            self._headers.pop(name, None)
+        await trio.to_thread.run_sync(unlink_quietly, [self.disk.path(n) for n in names])
+
+    # -- reads --
 
     async def read(self, key, etag, file_size, offset, size):
         """Return up to `size` bytes of the object from `offset` (fewer only at end of file)."""
@@ -55,25 +126,65 @@ class BlockCache:
         block_size = self.block_size
         first = offset // block_size
         last = (end - 1) // block_size
+        if self.max_window:
+            self._prefetch_after(key, etag, file_size, offset, end)
         if first == last:
-            block = await self.block(key, etag, file_size, first)
             start = offset - first * block_size
-            return memoryview(block)[start:start + end - offset]
+            return await self._block_range(key, etag, file_size, first, start, end - offset)
         parts = []
         for index in range(first, last + 1):
-            block = await self.block(key, etag, file_size, index)
             lo = max(offset - index * block_size, 0)
-            hi = min(end - index * block_size, len(block))
-            parts.append(memoryview(block)[lo:hi])
+            hi = min(end - index * block_size, block_size)
+            parts.append(await self._block_range(key, etag, file_size, index, lo, hi - lo))
         return b''.join(parts)
 
-    async def block(self, key, etag, file_size, index):
+    async def _block_range(self, key, etag, file_size, index, start, length):
         block_id = (key, etag, index)
-        while True:
-            data = self.memory.get(block_id)
+        data = self.memory.get(block_id)
+        if data is not None:
+            self.counters.memory_hits += 1
+            return memoryview(data)[start:start + length]
+        if self.disk is not None and block_id not in self._pending:
+            data = await self._read_disk(block_id, start, length)
             if data is not None:
-                self.counters.hits += 1
                 return data
+        data = await self._fetch(block_id, file_size, prefetch=False)
+        return memoryview(data)[start:start + length]
+
+    async def _read_disk(self, block_id, start, length):
+        disk = self.disk
+        name = disk.name(block_id)
+        if not disk.may_hold(name):
+            return None
+        path = disk.path(name)
+        header = self._headers.get(name)
+        try:
+            try:
+                header, data = read_block_file(path, block_id, start, length, header,
+                                               os.RWF_NOWAIT)
+            except BlockingIOError:
+                header, data = await trio.to_thread.run_sync(
+                    read_block_file, path, block_id, start, length, header)
+        except FileNotFoundError:
+            self._headers.pop(name, None)
+            disk.forget(name)
+            return None
+        except CorruptBlock as exc:
+            log.debug('%s: %s', path, exc)
+            disk.corrupt(name)
+            self._enforce_disk_limits([name])
+            return None
+        except OSError as exc:
+            log.warning('cache block %s unreadable (%s); reading from the store', path,
+                        exc.strerror)
+            return None
+        self._headers[name] = header
+        disk.touch(name)
+        self.counters.disk_hits += 1
+        return data
+
+    async def _fetch(self, block_id, file_size, prefetch):
+        while True:
             fetch = self._pending.get(block_id)
             if fetch is None:
                 break
@@ -83,14 +194,19 @@ class BlockCache:
                 return fetch.data
             if isinstance(fetch.error, Exception):
                 raise fetch.error
-            # The fetching reader was cancelled: fetch it ourselves.
-        self.counters.misses += 1
+            data = self.memory.get(block_id)   # the fetcher was cancelled: try again ourselves
+            if data is not None:
+                return data
+        if not prefetch:
+            self.counters.misses += 1
         fetch = self._pending[block_id] = _Fetch()
         try:
+            key, etag, index = block_id
             offset = index * self.block_size
             length = min(self.block_size, file_size - offset)
             fetch.data = await self.store.read(key, etag, offset, length)
             self.memory.put(block_id, fetch.data)
+            self._queue_for_disk(block_id, fetch.data)
             return fetch.data
         except BaseException as exc:
             fetch.error = exc
@@ -98,3 +214,86 @@ class BlockCache:
         finally:
             del self._pending[block_id]
             fetch.done.set()
+
+    # -- SSD writes --
+
+    def _queue_for_disk(self, block_id, data):
+        if self._write_queue is None:
+            return
+        try:
+            self._write_queue.send_nowait((block_id, data))
+        except trio.WouldBlock:
+            self.disk.counters.skipped_writes += 1
+
+    async def _disk_writer(self, receive):
+        disk = self.disk
+        async for block_id, data in receive:
+            name = disk.name(block_id)
+            victims = disk.admission(len(data) + 4096)
+            if victims is None:
+                disk.counters.skipped_writes += 1
+                continue
+            self._writes_in_progress += 1
+            try:
+                if victims:
+                    await self._unlink(victims)
+                size, free, total = await trio.to_thread.run_sync(
+                    _write_and_measure, disk.path(name), block_id, data)
+            except OSError as exc:
+                disk.write_failed(exc)
+                continue
+            finally:
+                self._writes_in_progress -= 1
+            self._enforce_disk_limits(disk.written(name, size, free, total))
+
+    @property
+    def disk_writes_pending(self):
+        if self._write_queue is None:
+            return 0
+        return self._write_queue.statistics().current_buffer_used + self._writes_in_progress
+
+    # -- prefetch --
+
+    def _prefetch_after(self, key, etag, file_size, offset, end):
+        stream = self._streams.get(key)
+        if stream is None:
+            stream = self._streams[key] = _Stream()
+        if abs(offset - stream.next_offset) <= _SEQUENTIAL_SLACK:
+            stream.window = min(max(stream.window * 2, 1), self.max_window)
+            stream.next_offset = max(stream.next_offset, end)
+        else:
+            stream.window = 0               # random access: stop prefetching this object
+            stream.next_offset = end
+            return
+        block_size = self.block_size
+        last_block = (file_size - 1) // block_size
+        first = (end - 1) // block_size + 1
+        for index in range(first, min(first + stream.window, last_block + 1)):
+            block_id = (key, etag, index)
+            if block_id in self._pending or block_id in self.memory:
+                continue
+            if self.disk is not None and self.disk.holds(self.disk.name(block_id)):
+                continue
+            length = min(block_size, file_size - index * block_size)
+            if self.prefetch_in_flight + length > self.prefetch_budget:
+                self.counters.prefetch_dropped += 1
+                return
+            self.prefetch_in_flight += length
+            self._nursery.start_soon(self._prefetch, block_id, file_size, length)
+
+    async def _prefetch(self, block_id, file_size, length):
+        try:
+            await self._fetch(block_id, file_size, prefetch=True)
+            self.counters.prefetches += 1
+            self.counters.prefetched_bytes += length
+        except Exception as exc:
+            # The reader that needs this block will fetch it and see the error itself.
+            log.debug('prefetch of %s failed: %s', block_id, exc)
+        finally:
+            self.prefetch_in_flight -= length
+
+
+def _write_and_measure(path, block_id, data):
+    size = write_block_file(path, block_id, data)
+    free, total = disk_free(path)
+    return size, free, total

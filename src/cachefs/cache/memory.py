@@ -36,10 +36,8 @@ class MemoryTier:
             self.used -= len(evicted)
             self.evictions += 1
 
-    def discard_object(self, key):
-        """Drop every block of `key` (any version): used when an object changed in the store."""
-        for block_id in [b for b in self._blocks if b[0] == key]:
-            self.used -= len(self._blocks.pop(block_id))
+    def __contains__(self, block_id):
+        return block_id in self._blocks
 
     def __len__(self):
         return len(self._blocks)

@@ -61,12 +61,26 @@ class Operations(pyfuse3.Operations):
         self.uid = uid
         self.gid = gid
         self.stats = stats or (lambda: {})
+        # An open file keeps the version it was opened with, so one handle never mixes the
+        # bytes of two versions, even when a refresh replaces the tree meanwhile.
+        self._handles = {}
+        self._next_handle = 1
+        # Nodes of a replaced tree that the kernel may still ask about until it forgets them.
+        self._retired = {}
 
     def _node(self, inode):
-        node = self.tree.get(inode)
+        node = self.tree.get(inode) or self._retired.get(inode)
         if node is None:
             raise pyfuse3.FUSEError(errno.ENOENT)
         return node
+
+    def replace_tree(self, tree):
+        """Serve `tree` from now on; inodes it no longer has stay answerable until forgotten."""
+        old = self.tree
+        for inode, node in old.nodes.items():
+            if inode not in tree.nodes:
+                self._retired[inode] = node
+        self.tree = tree
 
     def _attributes(self, node):
         attrs = pyfuse3.EntryAttributes()
@@ -101,8 +115,9 @@ class Operations(pyfuse3.Operations):
         return self._attributes(self._node(inode))
 
     async def forget(self, inode_list):
-        # The tree holds every inode for the life of the mount: nothing to release.
-        pass
+        # The tree holds its inodes for the life of the mount; only retired ones are released.
+        for inode, _ in inode_list:
+            self._retired.pop(inode, None)
 
     @_handler
     async def opendir(self, inode, ctx):
@@ -145,16 +160,22 @@ class Operations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EISDIR)
         if flags & _WRITE_FLAGS:
             raise pyfuse3.FUSEError(errno.EROFS)
-        # The object is immutable for a given ETag: let the kernel keep its pages across opens.
-        return pyfuse3.FileInfo(fh=inode, keep_cache=True)
+        fh = self._next_handle
+        self._next_handle += 1
+        self._handles[fh] = node
+        # The object is immutable for a given ETag: let the kernel keep its pages across opens
+        # (a refresh that sees a new ETag drops them with invalidate_inode).
+        return pyfuse3.FileInfo(fh=fh, keep_cache=True)
 
     @_handler
     async def read(self, fh, offset, size):
-        node = self._node(fh)
+        node = self._handles.get(fh)
+        if node is None:
+            raise pyfuse3.FUSEError(errno.EBADF)
         return await self.cache.read(node.key, node.etag, node.size, offset, size)
 
     async def release(self, fh):
-        pass
+        self._handles.pop(fh, None)
 
     # -- control channel --
 

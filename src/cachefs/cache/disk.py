@@ -1,0 +1,338 @@
+"""The SSD tier: one file per cached block, checksummed, written atomically, kept across restarts.
+
+Layout: `<source folder>/blocks/<2 hex>/<32 hex>.blk`, the name a hash of (key, ETag, block
+index, block size), so a block of a changed object (new ETag) or of another block size has
+another name and can never be mistaken for this one. Each file is a header followed by the data
+at a 4 KiB-aligned offset:
+
+    magic 'CFSBLK01' | header size u32 | index u64 | data length u32 | chunk size u32 |
+    key length u32 | etag length u32 | key | etag | one xxh3-64 per chunk of the data
+
+A read verifies the identity in the header and the hash of every chunk it touches, so a torn,
+truncated or bit-flipped file is detected: the block is dropped and fetched again, never served.
+Writes go to a temporary name in the same folder and are renamed into place: a reader sees a
+whole block or none. No fsync: after a power loss a block may be incomplete, and the checksums
+catch that.
+
+Threads: the blocking functions here (`read_block_file`, `write_block_file`, `scan`) touch no
+shared state and may run in any worker thread. `DiskTier` itself (index, LRU order, counters) is
+only touched by the trio thread; nothing takes a lock.
+"""
+
+import errno
+import hashlib
+import logging
+import os
+import struct
+import time
+from collections import OrderedDict
+
+import xxhash
+
+log = logging.getLogger(__name__)
+
+MAGIC = b'CFSBLK01'
+_FIXED = struct.Struct('<8sIQIIII')
+_ALIGN = 4096
+CHUNK_SIZE = 256 * 1024
+SUFFIX = '.blk'
+_NO_SPACE = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG}
+
+
+class CorruptBlock(Exception):
+    """A block file that fails its identity or checksum test."""
+
+
+class Header:
+    __slots__ = ('data_offset', 'length', 'chunk_size', 'hashes')
+
+    def __init__(self, data_offset, length, chunk_size, hashes):
+        self.data_offset = data_offset
+        self.length = length
+        self.chunk_size = chunk_size
+        self.hashes = hashes
+
+
+def block_name(block_id, block_size):
+    key, etag, index = block_id
+    digest = hashlib.blake2b(f'{key}\0{etag}\0{index}\0{block_size}'.encode(
+        'utf-8', 'surrogateescape'), digest_size=16).hexdigest()
+    return digest[:2] + '/' + digest + SUFFIX
+
+
+def encode_block(block_id, data):
+    """Header + padding + data, as one list of buffers for writev."""
+    key, etag, index = block_id
+    key_bytes = key.encode('utf-8', 'surrogateescape')
+    etag_bytes = etag.encode()
+    view = memoryview(data)
+    hashes = [xxhash.xxh3_64_intdigest(view[i:i + CHUNK_SIZE])
+              for i in range(0, len(data), CHUNK_SIZE)]
+    size = _FIXED.size + len(key_bytes) + len(etag_bytes) + 8 * len(hashes)
+    data_offset = (size + _ALIGN - 1) // _ALIGN * _ALIGN
+    header = b''.join([
+        _FIXED.pack(MAGIC, data_offset, index, len(data), CHUNK_SIZE, len(key_bytes),
+                    len(etag_bytes)),
+        key_bytes, etag_bytes, struct.pack(f'<{len(hashes)}Q', *hashes)])
+    return [header + bytes(data_offset - len(header)), data]
+
+
+def parse_header(raw, block_id):
+    """Check that `raw` (the file's first bytes) is the header of `block_id`; return a Header."""
+    key, etag, index = block_id
+    if len(raw) < _FIXED.size:
+        raise CorruptBlock('truncated header')
+    magic, data_offset, found_index, length, chunk_size, key_len, etag_len = _FIXED.unpack_from(raw)
+    if magic != MAGIC or found_index != index or chunk_size <= 0:
+        raise CorruptBlock('bad magic or index')
+    chunks = (length + chunk_size - 1) // chunk_size
+    end = _FIXED.size + key_len + etag_len + 8 * chunks
+    if end > data_offset or end > len(raw):
+        raise CorruptBlock('truncated header')
+    position = _FIXED.size
+    found_key = bytes(raw[position:position + key_len])
+    found_etag = bytes(raw[position + key_len:position + key_len + etag_len])
+    if found_key != key.encode('utf-8', 'surrogateescape') or found_etag != etag.encode():
+        raise CorruptBlock('block of another object')
+    hashes = struct.unpack_from(f'<{chunks}Q', raw, position + key_len + etag_len)
+    return Header(data_offset, length, chunk_size, hashes)
+
+
+def read_verified(fd, header, start, length, flags=0):
+    """Read [start, start+length) of the block's data, verifying every chunk it touches.
+
+    With flags=os.RWF_NOWAIT this raises BlockingIOError instead of waiting for the disk.
+    """
+    chunk_size = header.chunk_size
+    first = start // chunk_size
+    last = (min(start + length, header.length) - 1) // chunk_size
+    lo = first * chunk_size
+    hi = min((last + 1) * chunk_size, header.length)
+    buffer = bytearray(hi - lo)
+    got = os.preadv(fd, [buffer], header.data_offset + lo, flags)
+    if got != len(buffer):
+        if flags and got > 0:
+            raise BlockingIOError(errno.EAGAIN, 'partly in page cache')
+        raise CorruptBlock('truncated data')
+    view = memoryview(buffer)
+    for chunk in range(first, last + 1):
+        piece = view[(chunk - first) * chunk_size:(chunk - first + 1) * chunk_size]
+        if xxhash.xxh3_64_intdigest(piece) != header.hashes[chunk]:
+            raise CorruptBlock(f'checksum mismatch in chunk {chunk}')
+    return view[start - lo:start - lo + length]
+
+
+def read_block_file(path, block_id, start, length, header=None, flags=0):
+    """Open, check and read part of one block file: returns (header, data).
+
+    Raises FileNotFoundError (not cached), CorruptBlock, or BlockingIOError with RWF_NOWAIT.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOATIME)
+    try:
+        if header is None:
+            raw = bytearray(_ALIGN)
+            got = os.preadv(fd, [raw], 0, flags)
+            if flags and got < _ALIGN:
+                raise BlockingIOError(errno.EAGAIN, 'header partly in page cache')
+            header = parse_header(memoryview(raw)[:got], block_id)
+        return header, read_verified(fd, header, start, length, flags)
+    finally:
+        os.close(fd)
+
+
+def write_block_file(path, block_id, data):
+    """Write one block atomically (temporary file + rename). Returns the bytes used on disk."""
+    buffers = encode_block(block_id, data)
+    folder = os.path.dirname(path)
+    tmp = f'{path}.tmp{os.getpid()}-{time.monotonic_ns()}'
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    except FileNotFoundError:
+        os.makedirs(folder, mode=0o700, exist_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        total = sum(len(b) for b in buffers)
+        written = os.writev(fd, buffers)
+        while written < total:     # writev may be partial; finish with plain writes
+            joined = b''.join(bytes(b) for b in buffers)
+            written += os.write(fd, joined[written:])
+        os.close(fd)
+        fd = -1
+        os.replace(tmp, path)
+        return total
+    except BaseException:
+        if fd >= 0:
+            os.close(fd)
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def scan(blocks_dir):
+    """List the block files on disk (name, size, mtime), deleting leftovers of interrupted
+    writes. Runs in a worker thread at start, while the mount already serves."""
+    found = []
+    try:
+        subdirs = list(os.scandir(blocks_dir))
+    except FileNotFoundError:
+        return found
+    for subdir in subdirs:
+        if not subdir.is_dir(follow_symlinks=False):
+            continue
+        for entry in os.scandir(subdir.path):
+            if entry.name.endswith(SUFFIX):
+                try:
+                    st = entry.stat(follow_symlinks=False)
+                except FileNotFoundError:
+                    continue
+                found.append((subdir.name + '/' + entry.name, st.st_size, st.st_mtime))
+            elif '.tmp' in entry.name:
+                try:
+                    os.unlink(entry.path)
+                except OSError:
+                    pass
+    return found
+
+
+def unlink_quietly(paths):
+    for path in paths:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            log.warning('could not remove cache block %s: %s', path, exc.strerror)
+
+
+def disk_free(path):
+    """(free bytes for us, filesystem size) of the file system holding `path`."""
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize
+
+
+class DiskCounters:
+    __slots__ = ('hits', 'writes', 'write_bytes', 'evictions', 'corrupt', 'write_errors',
+                 'skipped_writes')
+
+    def __init__(self):
+        for name in self.__slots__:
+            setattr(self, name, 0)
+
+
+class DiskTier:
+    """Index and policy of the block files (trio thread only; I/O goes through the functions
+    above, in worker threads, or inline with RWF_NOWAIT)."""
+
+    def __init__(self, folder, block_size, capacity, min_free_ratio, eviction):
+        self.folder = os.path.join(folder, 'blocks')
+        os.makedirs(self.folder, mode=0o700, exist_ok=True)
+        self.block_size = block_size
+        self.capacity = capacity
+        self.min_free_ratio = min_free_ratio
+        self.eviction = eviction            # 'lru' or 'none'
+        self.counters = DiskCounters()
+        self.used = 0
+        self.index_ready = False
+        self._index = OrderedDict()         # name -> bytes on disk, least recently used first
+        self._full_until = 0.0              # admission paused after ENOSPC or free-space shortage
+        self._warned = False
+
+    def path(self, name):
+        return os.path.join(self.folder, name)
+
+    def name(self, block_id):
+        return block_name(block_id, self.block_size)
+
+    def may_hold(self, name):
+        """False only when the block is certainly not on disk (the index is complete)."""
+        return not self.index_ready or name in self._index
+
+    def holds(self, name):
+        """True when the index knows the block is on disk."""
+        return name in self._index
+
+    def touch(self, name):
+        if name in self._index:
+            self._index.move_to_end(name)
+
+    def merge_scan(self, found):
+        """Add the files found at start (oldest first) to the index, behind newer writes."""
+        known = self._index
+        older = OrderedDict()
+        for name, size, _ in sorted(found, key=lambda item: item[2]):
+            if name not in known:
+                older[name] = size
+                self.used += size
+        older.update(known)
+        self._index = older
+        self.index_ready = True
+        log.info('disk cache: %d blocks, %d bytes found in %s', len(older), self.used,
+                 self.folder)
+
+    def forget(self, name):
+        size = self._index.pop(name, None)
+        if size is not None:
+            self.used -= size
+
+    def corrupt(self, name):
+        self.counters.corrupt += 1
+        self.forget(name)
+        log.warning('cache block %s failed its checksum; dropped, fetching it again', name)
+
+    def admission(self, size):
+        """Decide whether to write a block of `size` bytes; returns the names to evict first,
+        or None when the block is not admitted."""
+        if time.monotonic() < self._full_until:
+            return None
+        if self.used + size <= self.capacity:
+            return []
+        if self.eviction == 'none':
+            return None
+        return self._pick_victims(self.used + size - self.capacity)
+
+    def _pick_victims(self, needed):
+        victims = []
+        for name, size in self._index.items():
+            if needed <= 0:
+                break
+            victims.append(name)
+            needed -= size
+        for name in victims:
+            self.forget(name)
+        self.counters.evictions += len(victims)
+        return victims
+
+    def written(self, name, size, free, total):
+        """Record a finished write; returns names to evict to keep the minimum free space."""
+        self._index[name] = size
+        self._index.move_to_end(name)
+        self.used += size
+        self.counters.writes += 1
+        self.counters.write_bytes += size
+        shortage = int(self.min_free_ratio * total) - free
+        if shortage <= 0:
+            return []
+        # Other programs (or we) ate the reserve: give space back, and admit nothing for a while.
+        self._full_until = time.monotonic() + 10
+        self._warn_once(f'free space on the cache disk is below {self.min_free_ratio:.0%}; '
+                        'evicting blocks and pausing admission')
+        return self._pick_victims(shortage)
+
+    def write_failed(self, exc):
+        self.counters.write_errors += 1
+        if isinstance(exc, OSError) and exc.errno in _NO_SPACE:
+            self._full_until = time.monotonic() + 30
+            self._warn_once(f'cache disk refuses writes ({exc.strerror}); reads continue from '
+                            'the store, admission paused')
+        else:
+            self._warn_once(f'cache write failed: {exc}; reads continue from the store')
+
+    def _warn_once(self, message):
+        # one warning per condition, not one per block
+        if not self._warned:
+            log.warning('%s', message)
+            self._warned = True
+        else:
+            log.debug('%s', message)
