@@ -10,23 +10,20 @@ import time
 
 import pytest
 
-from conftest import clean_env, is_mounted, pid_alive, run_cachefs, sha256_of, wait_until
+from conftest import assert_tree_matches, clean_env, is_mounted, pid_alive, run_cachefs, sha256_of, wait_until
 
 pytestmark = pytest.mark.fuse
 
 
-def walk_manifest(root):
-    manifest = {}
-    for folder, dirs, files in os.walk(root):
-        for name in files:
-            path = os.path.join(folder, name)
-            manifest[os.path.relpath(path, root)] = (os.path.getsize(path), sha256_of(path))
-    return manifest
+def file_names(root):
+    return {os.path.relpath(os.path.join(folder, name), root)
+            for folder, _, files in os.walk(root) for name in files}
 
 
 def test_whole_tree_matches_the_source_byte_for_byte(source, mounter):
     mounted = mounter.mount(source)
-    assert walk_manifest(mounted.path) == source.manifest
+    assert file_names(mounted.path) == source.manifest.keys()
+    assert_tree_matches(mounted.path, source.manifest)
 
 
 def test_folders_match_the_source(source, mounter):
@@ -109,9 +106,7 @@ def test_remount_reuses_the_saved_listing_without_listing_again(remote_source, m
     mounter.umount(mounter.mount(remote_source))
     before = remote_source.request_count()
     mounted = mounter.mount(remote_source)
-    names = {os.path.relpath(os.path.join(folder, name), mounted.path)
-             for folder, _, files in os.walk(mounted.path) for name in files}
-    assert names == remote_source.manifest.keys()
+    assert file_names(mounted.path) == remote_source.manifest.keys()
     assert remote_source.request_count() == before
 
 

@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 
 _WRITE_QUEUE = 32            # blocks waiting for the SSD; beyond that, new blocks skip the SSD
 _SEQUENTIAL_SLACK = 8 << 20  # the kernel's parallel readahead arrives slightly out of order
+_HEADER_ALLOWANCE = 8192     # a block file's header and alignment, reserved before writing
 
 
 class _Fetch:
@@ -229,7 +230,8 @@ class BlockCache:
         disk = self.disk
         async for block_id, data in receive:
             name = disk.name(block_id)
-            victims = disk.admission(len(data) + 4096)
+            reserved = len(data) + _HEADER_ALLOWANCE
+            victims = disk.admission(reserved)
             if victims is None:
                 disk.counters.skipped_writes += 1
                 continue
@@ -240,11 +242,11 @@ class BlockCache:
                 size, free, total = await trio.to_thread.run_sync(
                     _write_and_measure, disk.path(name), block_id, data)
             except OSError as exc:
-                disk.write_failed(exc)
+                disk.write_failed(reserved, exc)
                 continue
             finally:
                 self._writes_in_progress -= 1
-            self._enforce_disk_limits(disk.written(name, size, free, total))
+            self._enforce_disk_limits(disk.written(name, size, reserved, free, total))
 
     @property
     def disk_writes_pending(self):

@@ -282,15 +282,19 @@ class DiskTier:
         log.warning('cache block %s failed its checksum; dropped, fetching it again', name)
 
     def admission(self, size):
-        """Decide whether to write a block of `size` bytes; returns the names to evict first,
-        or None when the block is not admitted."""
+        """Decide whether to write a block taking `size` bytes on disk; returns the names to
+        evict first, or None when the block is not admitted. An admitted block's size is
+        reserved at once, so that concurrent writers cannot overshoot the capacity together;
+        `written` or `write_failed` settles the reservation."""
         if time.monotonic() < self._full_until:
             return None
-        if self.used + size <= self.capacity:
-            return []
-        if self.eviction == 'none':
-            return None
-        return self._pick_victims(self.used + size - self.capacity)
+        victims = []
+        if self.used + size > self.capacity:
+            if self.eviction == 'none':
+                return None
+            victims = self._pick_victims(self.used + size - self.capacity)
+        self.used += size
+        return victims
 
     def _pick_victims(self, needed):
         victims = []
@@ -304,10 +308,11 @@ class DiskTier:
         self.counters.evictions += len(victims)
         return victims
 
-    def written(self, name, size, free, total):
+    def written(self, name, size, reserved, free, total):
         """Record a finished write; returns names to evict to keep the minimum free space."""
+        self.used -= reserved
+        self.forget(name)            # the same block written twice replaces itself
         self._index[name] = size
-        self._index.move_to_end(name)
         self.used += size
         self.counters.writes += 1
         self.counters.write_bytes += size
@@ -320,7 +325,8 @@ class DiskTier:
                         'evicting blocks and pausing admission')
         return self._pick_victims(shortage)
 
-    def write_failed(self, exc):
+    def write_failed(self, reserved, exc):
+        self.used -= reserved
         self.counters.write_errors += 1
         if isinstance(exc, OSError) and exc.errno in _NO_SPACE:
             self._full_until = time.monotonic() + 30
