@@ -241,29 +241,37 @@ class Daemon:
             attr_timeout=options.attr_timeout,
             uid=os.getuid() if options.uid is None else options.uid,
             gid=os.getgid() if options.gid is None else options.gid, stats=self.stats)
-        try:
-            pyfuse3.init(operations, self.mountpoint, fuse_options)
-        except RuntimeError as exc:
-            raise UserError(f'FUSE refused to mount {self.mountpoint}: {exc}', EXIT_FUSE) from None
-        try:
-            async with trio.open_nursery() as nursery:
-                await nursery.start(self.cache.run)
-                nursery.start_soon(self._announce_when_answering)
-                nursery.start_soon(self._stop_on_signal)
-                nursery.start_soon(self._refresh_periodically)
-                await pyfuse3.main(min_tasks=4, max_tasks=options.max_idle_threads)
-                nursery.cancel_scope.cancel()
-            log.info('%s was unmounted', self.mountpoint)
-        finally:
-            pyfuse3.close(unmount=True)
-            self.store.close()
+        # Signal handlers are in place before the mount exists, so that a SIGTERM arriving as
+        # soon as the mount appears still unmounts cleanly.
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as stop_signals, \
+                trio.open_signal_receiver(signal.SIGHUP) as hangups:
+            try:
+                pyfuse3.init(operations, self.mountpoint, fuse_options)
+            except RuntimeError as exc:
+                raise UserError(f'FUSE refused to mount {self.mountpoint}: {exc}',
+                                EXIT_FUSE) from None
+            try:
+                async with trio.open_nursery() as nursery:
+                    await nursery.start(self.cache.run)
+                    nursery.start_soon(self._announce_when_answering)
+                    nursery.start_soon(self._stop_on_signal, stop_signals)
+                    nursery.start_soon(self._refresh_periodically, hangups)
+                    await pyfuse3.main(min_tasks=4, max_tasks=options.max_idle_threads)
+                    nursery.cancel_scope.cancel()
+                log.info('%s was unmounted', self.mountpoint)
+            finally:
+                pyfuse3.close(unmount=True)
+                self.store.close()
 
     async def _announce_when_answering(self):
         pid = str(os.getpid()).encode()
         deadline = time.monotonic() + 60
         while True:
             try:
-                answer = await trio.to_thread.run_sync(os.getxattr, self.mountpoint, XATTR_PID)
+                # abandon_on_cancel: this thread asks our own mount; if the loop stops first it
+                # would wait forever, and must not keep the daemon from unmounting.
+                answer = await trio.to_thread.run_sync(os.getxattr, self.mountpoint, XATTR_PID,
+                                                       abandon_on_cancel=True)
                 if answer == pid:
                     break
             except OSError:
@@ -274,27 +282,27 @@ class Daemon:
                 return
             await trio.sleep(0.02)
         await trio.to_thread.run_sync(mounts.tune_kernel, self.mountpoint,
-                                      self.options.read_ahead, self.options.max_background)
+                                      self.options.read_ahead, self.options.max_background,
+                                      abandon_on_cancel=True)
         log.info('mounted %s on %s', self.source, self.mountpoint)
         self.on_ready()
         notify_systemd('READY=1\nSTATUS=serving ' + self.mountpoint)
 
-    async def _refresh_periodically(self):
+    async def _refresh_periodically(self, hangups):
         """List the store again every --metadata-ttl, and at once on SIGHUP (`cachefs refresh`)."""
         ttl = self.options.metadata_ttl
         delay = self.listed_at + ttl - time.time()
-        with trio.open_signal_receiver(signal.SIGHUP) as hangups:
-            while True:
-                # never more often than every 10 s, even with --metadata-ttl 0
-                with trio.move_on_after(max(delay, _MIN_REFRESH_INTERVAL)):
-                    await hangups.__anext__()
-                    log.info('SIGHUP: refreshing the listing of %s', self.source)
-                try:
-                    await self.refresh()
-                    delay = ttl
-                except StoreError as exc:
-                    log.warning('refreshing the listing failed (%s); keeping the current one', exc)
-                    delay = min(ttl, 60)
+        while True:
+            # never more often than every 10 s, even with --metadata-ttl 0
+            with trio.move_on_after(max(delay, _MIN_REFRESH_INTERVAL)):
+                await hangups.__anext__()
+                log.info('SIGHUP: refreshing the listing of %s', self.source)
+            try:
+                await self.refresh()
+                delay = ttl
+            except StoreError as exc:
+                log.warning('refreshing the listing failed (%s); keeping the current one', exc)
+                delay = min(ttl, 60)
 
     async def refresh(self):
         """Swap in a new tree from a fresh listing and make the kernel forget what changed."""
@@ -318,11 +326,9 @@ class Daemon:
         except OSError as exc:
             log.warning('could not save the listing: %s', exc.strerror)
 
-    async def _stop_on_signal(self):
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-            async for signum in signals:
-                log.info('received %s: unmounting %s', signal.Signals(signum).name,
-                         self.mountpoint)
-                notify_systemd('STOPPING=1')
-                pyfuse3.terminate()
-                return
+    async def _stop_on_signal(self, stop_signals):
+        async for signum in stop_signals:
+            log.info('received %s: unmounting %s', signal.Signals(signum).name, self.mountpoint)
+            notify_systemd('STOPPING=1')
+            pyfuse3.terminate()
+            return
