@@ -216,6 +216,21 @@ class BlockCache:
             del self._pending[block_id]
             fetch.done.set()
 
+    def cached_blocks(self, key, etag, file_size):
+        """(blocks of the object, blocks held in memory or on the SSD): for `warmup --check`."""
+        blocks = (file_size + self.block_size - 1) // self.block_size
+        held = 0
+        for index in range(blocks):
+            block_id = (key, etag, index)
+            if block_id in self.memory:
+                held += 1
+            elif self.disk is not None:
+                name = self.disk.name(block_id)
+                if self.disk.holds(name) or (not self.disk.index_ready
+                                             and os.path.exists(self.disk.path(name))):
+                    held += 1
+        return blocks, held
+
     # -- SSD writes --
 
     def _queue_for_disk(self, block_id, data):

@@ -13,11 +13,13 @@ Control channel: extended attributes of the root folder (`user.cachefs.pid`,
 mount without any file or socket of their own.
 """
 
+import bisect
 import errno
 import functools
 import json
 import logging
 import os
+import time
 
 import pyfuse3
 
@@ -28,12 +30,38 @@ log = logging.getLogger(__name__)
 
 XATTR_PID = b'user.cachefs.pid'
 XATTR_STATS = b'user.cachefs.stats'
+XATTR_CACHED = b'user.cachefs.cached'     # on a file: how much of it the cache holds (JSON)
+
+# Upper bounds (seconds) of the FUSE latency histogram buckets; the last bucket is open.
+LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
+                   0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class OpLatency:
+    """Count, total time and a histogram of one FUSE operation (for stats and metrics)."""
+    __slots__ = ('count', 'seconds', 'buckets')
+
+    def __init__(self):
+        self.count = 0
+        self.seconds = 0.0
+        self.buckets = [0] * (len(LATENCY_BUCKETS) + 1)
+
+    def record(self, seconds):
+        self.count += 1
+        self.seconds += seconds
+        self.buckets[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
+
+    def as_dict(self):
+        return {'count': self.count, 'seconds': self.seconds, 'buckets': list(self.buckets)}
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND | os.O_CREAT
 
 
 def _handler(method):
+    name = method.__name__
+
     @functools.wraps(method)
     async def wrapper(self, *args):
+        started = time.perf_counter()
         try:
             return await method(self, *args)
         except pyfuse3.FUSEError:
@@ -44,6 +72,11 @@ def _handler(method):
         except Exception:
             log.exception('unexpected error in %s%r; answering EIO', method.__name__, args[:3])
             raise pyfuse3.FUSEError(errno.EIO) from None
+        finally:
+            latency = self.latency.get(name)
+            if latency is None:
+                latency = self.latency[name] = OpLatency()
+            latency.record(time.perf_counter() - started)
     return wrapper
 
 
@@ -67,6 +100,7 @@ class Operations(pyfuse3.Operations):
         self._next_handle = 1
         # Nodes of a replaced tree that the kernel may still ask about until it forgets them.
         self._retired = {}
+        self.latency = {}     # operation name -> OpLatency
 
     def _node(self, inode):
         node = self.tree.get(inode) or self._retired.get(inode)
@@ -185,8 +219,17 @@ class Operations(pyfuse3.Operations):
             if name == XATTR_PID:
                 return str(os.getpid()).encode()
             if name == XATTR_STATS:
-                return json.dumps(self.stats(), sort_keys=True).encode()
-        self._node(inode)
+                stats = self.stats()
+                stats['fuse_ops'] = {op: lat.as_dict() for op, lat in self.latency.items()}
+                stats['fuse_latency_buckets'] = LATENCY_BUCKETS
+                return json.dumps(stats, sort_keys=True).encode()
+        node = self._node(inode)
+        if name == XATTR_CACHED and not node.is_dir:
+            blocks, held = self.cache.cached_blocks(node.key, node.etag, node.size)
+            cached_bytes = min(held * self.cache.block_size, node.size) if held < blocks \
+                else node.size
+            return json.dumps({'size': node.size, 'blocks': blocks, 'cached_blocks': held,
+                               'cached_bytes': cached_bytes}).encode()
         raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
 
     @_handler
