@@ -1,14 +1,19 @@
-"""Command line: `cachefs mount|umount|stats|demo`, and the `mount.cachefs` helper.
+"""Command line: `cachefs mount|umount|refresh|stats|warmup|demo`, and the `mount.cachefs` helper.
 
 `cachefs mount` without `--foreground` starts the daemon as a new process (never a fork inside a
 running trio loop) and waits on a pipe until the daemon reports that the mount answers, or
 reports the one-line error that stopped it; its exit status is the daemon's.
+
+Mount options come from the command line, then `CACHEFS_*` variables, the config file and the
+profile (`configfile.py`): those layers become argparse defaults before the command line is
+parsed again, so an explicit flag always wins.
 """
 
 import argparse
 import errno
 import json
 import logging
+import math
 import os
 import signal
 import subprocess
@@ -24,7 +29,7 @@ from .units import format_size
 log = logging.getLogger(__name__)
 
 READY_FD_ENV = 'CACHEFS_READY_FD'
-SUBCOMMANDS = ('mount', 'umount', 'unmount', 'refresh', 'stats', 'demo')
+SUBCOMMANDS = ('mount', 'umount', 'unmount', 'refresh', 'stats', 'warmup', 'demo')
 
 
 class _Parser(argparse.ArgumentParser):
@@ -51,6 +56,7 @@ def build_parser():
     mount.add_argument('-f', '--foreground', action='store_true',
                        help='stay attached (systemd, containers); unmount on SIGTERM/SIGINT')
     add_mount_options(mount)
+    parser.mount_parser = mount
 
     for name in ('umount', 'unmount'):
         umount = commands.add_parser(name, help='unmount and wait for the daemon to exit')
@@ -67,6 +73,18 @@ def build_parser():
     stats = commands.add_parser('stats', help="print a mount's counters")
     stats.add_argument('mountpoint')
     stats.add_argument('--json', action='store_true', help='machine-readable output')
+
+    warmup = commands.add_parser(
+        'warmup', help='load files or folders of a mount into its cache before training',
+        description='Read PATHs (files or folders inside a cachefs mount) through the mount so '
+        'that their blocks are cached, skipping files that are already fully cached (an '
+        'interrupted warmup continues where it stopped). The kernel page cache is left alone.')
+    warmup.add_argument('paths', nargs='+', metavar='PATH', help='a file or folder in a mount')
+    warmup.add_argument('--threads', type=int, default=8,
+                        help='files read at once (default 8)')
+    warmup.add_argument('--check', action='store_true',
+                        help='only report how much of PATH is cached; load nothing')
+    warmup.add_argument('--json', action='store_true', help='machine-readable summary')
 
     demo = commands.add_parser('demo', help='the embedded default: a loopback SeaweedFS store '
                                'with generated TFRecord shards, mounted and read twice')
@@ -94,13 +112,27 @@ def main(argv=None):
     if argv and not argv[0].startswith('-') and argv[0] not in SUBCOMMANDS:
         argv.insert(0, 'mount')
     try:
-        options = build_parser().parse_args(expand_dash_o(argv))
+        argv = expand_dash_o(argv)
+        parser = build_parser()
+        options = parser.parse_args(argv)
+        if options.command == 'mount':
+            options = apply_option_layers(parser, argv, options)
         return COMMANDS[options.command](options)
     except UserError as exc:
         print(f'cachefs: error: {exc}', file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         return 130
+
+
+def apply_option_layers(parser, argv, options):
+    """Parse the mount command line again over the environment, config file and profile."""
+    from .configfile import layered_defaults
+    defaults = layered_defaults(options.config, options.profile)
+    if not defaults:
+        return options
+    parser.mount_parser.set_defaults(**defaults)
+    return parser.parse_args(argv)
 
 
 # -- mount --
@@ -245,23 +277,74 @@ def command_stats(options):
     if options.json:
         print(json.dumps(stats, indent=2, sort_keys=True))
         return EXIT_OK
-    lookups = stats['hits'] + stats['misses']
-    ratio = stats['hits'] / lookups if lookups else 0.0
-    print(f"source          {stats['source']}  (pid {stats['pid']}, up {stats['uptime_s']:.0f}s)")
-    print(f"dataset         {stats['files']} files, {format_size(stats['dataset_bytes'])}")
-    print(f"block hits      {stats['hits']} of {lookups} ({ratio:.1%})")
-    print(f"store           {stats['store_requests']} requests, "
-          f"{format_size(stats['store_bytes'])}, {stats['store_retries']} retries, "
-          f"{stats['store_errors']} errors")
-    print(f"  from memory   {stats['memory_hits']}, from SSD {stats['disk_hits']}, "
-          f"prefetched {format_size(stats['prefetched_bytes'])}")
-    print(f"memory tier     {format_size(stats['memory_used_bytes'])} of "
-          f"{format_size(stats['memory_capacity_bytes'])} ({stats['memory_blocks']} blocks)")
-    print(f"SSD tier        {format_size(stats['disk_used_bytes'])} of "
-          f"{format_size(stats['disk_capacity_bytes'])}, {stats['evictions']} evictions "
-          f"({stats['eviction_policy']}), {stats['disk_writes']} writes, "
-          f"{stats['disk_corrupt_blocks']} corrupt blocks dropped")
+    print('\n'.join(format_stats(stats)))
     return EXIT_OK
+
+
+def _percent(part, whole):
+    return f'{part / whole:.1%}' if whole else '-'
+
+
+def format_stats(stats):
+    """The lines of `cachefs stats` for humans."""
+    lookups = stats['hits'] + stats['misses']
+    lines = [
+        f"source          {stats['source']}  (pid {stats['pid']}, up {stats['uptime_s']:.0f}s)",
+        f"dataset         {stats['files']} files, {format_size(stats['dataset_bytes'])}",
+        f"hit ratio       {_percent(stats['hits'], lookups)} of {lookups} block reads: "
+        f"{stats['memory_hits']} from memory, {stats['disk_hits']} from SSD, "
+        f"{stats['misses']} from the store ({stats['shared_fetches']} shared a fetch)",
+        f"from the store  {format_size(stats['store_bytes'])} in {stats['store_requests']} "
+        f"requests, {stats['store_retries']} retries, {stats['store_errors']} errors",
+        f"from the cache  {stats['hits']} block reads ({stats['memory_hits']} memory, "
+        f"{stats['disk_hits']} SSD)",
+        f"prefetch        {stats['prefetches']} blocks, {format_size(stats['prefetched_bytes'])} "
+        "read ahead" + (f", {format_size(stats['prefetch_memory_used_bytes'])} in flight"
+                        if 'prefetch_memory_used_bytes' in stats else ''),
+        f"memory tier     {format_size(stats['memory_used_bytes'])} of "
+        f"{format_size(stats['memory_capacity_bytes'])} "
+        f"({_percent(stats['memory_used_bytes'], stats['memory_capacity_bytes'])}), "
+        f"{stats['memory_blocks']} blocks, {stats['memory_evictions']} evictions",
+    ]
+    if stats['disk_capacity_bytes']:
+        lines.append(
+            f"SSD tier        {format_size(stats['disk_used_bytes'])} of "
+            f"{format_size(stats['disk_capacity_bytes'])} "
+            f"({_percent(stats['disk_used_bytes'], stats['disk_capacity_bytes'])}), "
+            f"{stats['evictions']} evictions ({stats['eviction_policy']}), "
+            f"{stats['disk_writes']} writes ({stats['disk_writes_pending']} pending, "
+            f"{stats['disk_skipped_writes']} skipped, {stats['disk_write_errors']} failed), "
+            f"{stats['disk_corrupt_blocks']} corrupt blocks dropped")
+    else:
+        lines.append('SSD tier        off (--cache-size 0)')
+    lines += format_latency(stats.get('fuse_ops', {}), stats.get('fuse_latency_buckets', ()))
+    return lines
+
+
+def _format_seconds(seconds, ceiling):
+    """A latency for humans; `inf` (the open last bucket) shows as more than `ceiling`."""
+    if seconds is None:
+        return '-'
+    if math.isinf(seconds):
+        return '>' + _format_seconds(ceiling, ceiling)
+    if seconds < 1e-3:
+        return f'{seconds * 1e6:.0f}us'
+    if seconds < 1:
+        return f'{seconds * 1e3:.{1 if seconds < 0.01 else 0}f}ms'
+    return f'{seconds:.2f}s'
+
+
+def format_latency(ops, bounds):
+    """p50/p90/p99 per FUSE operation, interpolated within the histogram buckets."""
+    from .metrics import percentile
+    if not ops or not bounds:
+        return []
+    lines = [f"latency         {'op':<12}{'count':>9}{'p50':>9}{'p90':>9}{'p99':>9}"]
+    for op, entry in sorted(ops.items(), key=lambda item: -item[1]['count']):
+        cells = ''.join(f"{_format_seconds(percentile(entry['buckets'], bounds, q), bounds[-1]):>9}"
+                        for q in (0.5, 0.9, 0.99))
+        lines.append(f"                {op:<12}{entry['count']:>9}{cells}")
+    return lines
 
 
 def command_refresh(options):
@@ -283,8 +366,14 @@ def command_demo(options):
     return run_demo(options)
 
 
+def command_warmup(options):
+    from .warmup import command_warmup as run_warmup
+    return run_warmup(options)
+
+
 COMMANDS = {'mount': command_mount, 'umount': command_umount, 'unmount': command_umount,
-            'refresh': command_refresh, 'stats': command_stats, 'demo': command_demo}
+            'refresh': command_refresh, 'stats': command_stats, 'warmup': command_warmup,
+            'demo': command_demo}
 
 
 def mount_helper(argv=None):

@@ -4,6 +4,9 @@ Every option has a long form; `-o cache_size=100G,allow_other` is rewritten into
 options before argparse sees it, so both spellings are checked and converted by the same code.
 Generic mount(8) options that mean nothing to cachefs (ro, noauto, _netdev, x-systemd.*) are
 accepted and ignored so that /etc/fstab lines and systemd .mount units work.
+
+Values may also come from `CACHEFS_*` environment variables, a config file and a profile;
+`configfile.py` merges those layers below the command line.
 """
 
 import argparse
@@ -31,7 +34,7 @@ def default_cache_dir():
 class Option:
     name: str               # long option without dashes, e.g. 'cache-size'
     kind: str               # 'str', 'int', 'size', 'size_or_percent', 'ratio', 'duration',
-                            # 'flag' or 'choice'
+                            # 'address', 'flag' or 'choice'
     default: object
     help: str
     choices: tuple = ()
@@ -55,7 +58,8 @@ MOUNT_OPTIONS = (
            'free space always left on the cache disk, even when other programs fill it'),
     Option('eviction', 'choice', 'lru',
            'SSD tier policy when full: lru, or none (fill once, then stop admitting; best when '
-           'the dataset is larger than the cache)', ('lru', 'none')),
+           'the dataset is larger than the cache), or auto (none when the SSD tier is smaller '
+           'than the dataset, else lru)', ('lru', 'none', 'auto')),
     Option('prefetch-window', 'size', 32 * MiB,
            'largest read-ahead per sequentially read file (0 turns prefetch off)'),
     Option('prefetch-memory', 'size', 512 * MiB,
@@ -80,6 +84,14 @@ MOUNT_OPTIONS = (
     Option('log-file', 'str', None, 'log to this file instead of stderr'),
     Option('log-level', 'choice', 'info', 'log verbosity',
            ('debug', 'info', 'warning', 'error')),
+    Option('metrics-addr', 'address', None,
+           'serve Prometheus metrics on HOST:PORT at /metrics (default: off)'),
+    Option('profile', 'str', None,
+           'a set of defaults for a kind of work: "training" (epoch reads of immutable data: '
+           '24h kernel timeouts, listing kept until refresh, eviction auto, prefetch on)'),
+    Option('config', 'str', None,
+           'config file (default: ~/.config/cachefs/config.toml for non-root users, else '
+           '/etc/cachefs/config.toml, when it exists)'),
 )
 
 # mount(8)/fstab options that carry no meaning for cachefs.
@@ -89,7 +101,7 @@ IGNORED_MOUNT_OPTIONS = {'ro', 'rw', 'defaults', 'auto', 'noauto', 'user', 'nous
                          'async', 'owner', 'group', 'comment'}
 
 
-def _converter(option):
+def converter(option):
     def convert(text):
         try:
             if option.kind == 'size':
@@ -103,6 +115,9 @@ def _converter(option):
                 if not 0 <= value < 1:
                     raise ValueError(f'{text!r} is not a ratio between 0 and 1 (or 0% and 99%)')
                 return value
+            if option.kind == 'address':
+                parse_address(text)
+                return text
             if option.kind == 'size_or_percent':
                 return text if str(text).endswith('%') and float(text[:-1]) <= 100 else parse_size(text)
             return text
@@ -110,6 +125,29 @@ def _converter(option):
             raise argparse.ArgumentTypeError(str(exc)) from None
     convert.__name__ = option.kind     # argparse names the type in its messages
     return convert
+
+
+def parse_address(text):
+    """'127.0.0.1:9100' -> ('127.0.0.1', 9100); '[::1]:9100' and ':9100' (every address) too."""
+    host, sep, port = str(text).strip().rpartition(':')
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f'not HOST:PORT: {text!r} (example: 127.0.0.1:9100)')
+    host = host.removeprefix('[').removesuffix(']')
+    return host or '0.0.0.0', int(port)
+
+
+def resolve_auto_eviction(options, disk, dataset_bytes):
+    """`--eviction auto`: once the dataset size is known, `none` when the SSD tier cannot hold
+    the whole dataset (every epoch then hits the same cached part, without SSD churn), else
+    `lru`. Sets the policy on the options (reported by stats) and on the tier."""
+    if options.eviction != 'auto':
+        return
+    capacity = disk.capacity if disk is not None else 0
+    options.eviction = 'none' if disk is not None and capacity < dataset_bytes else 'lru'
+    if disk is not None:
+        disk.eviction = options.eviction
+    log.info('eviction auto: SSD tier of %d bytes, dataset of %d bytes: %s', capacity,
+             dataset_bytes, options.eviction)
 
 
 def add_mount_options(parser):
@@ -122,8 +160,10 @@ def add_mount_options(parser):
                                 help=f'{option.help} (default: {option.default})')
         else:
             shown = '' if option.default is None else f' (default: {option.default})'
-            parser.add_argument(flag, type=_converter(option), default=option.default,
-                                metavar=option.kind.upper(), help=option.help + shown)
+            # argparse expands %-formats in help: '80%' must be written '80%%'
+            parser.add_argument(flag, type=converter(option), default=option.default,
+                                metavar=option.kind.upper(),
+                                help=(option.help + shown).replace('%', '%%'))
 
 
 def expand_dash_o(argv):

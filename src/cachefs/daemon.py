@@ -24,10 +24,11 @@ from . import mounts
 from .cache.blocks import BlockCache
 from .cache.disk import DiskTier, disk_free
 from .cache.listing import load_listing, save_listing
-from .config import default_cache_dir
+from .config import default_cache_dir, resolve_auto_eviction
 from .errors import (EXIT_ACCESS, EXIT_CACHE, EXIT_FUSE, EXIT_SOURCE_MISSING, EXIT_STORE,
                      UserError)
 from .fuse.operations import XATTR_PID, Operations
+from .metrics import start_metrics_server
 from .namespace import build_tree, tree_changes
 from .ufs import open_store, parse_source
 from .ufs.async_store import AsyncStore, call_with_retries
@@ -159,6 +160,7 @@ class Daemon:
         self.listed_at = listed_at
         self.listing_generation = 0
         self.tree = build_tree(objects, int(listed_at * 1e9))
+        resolve_auto_eviction(options, self.disk, self.tree.total_bytes)
         log.info('%s: %d files, %d folders, %d bytes', self.source, self.tree.file_count,
                  self.tree.dir_count, self.tree.total_bytes)
 
@@ -201,6 +203,7 @@ class Daemon:
             'shared_fetches': cache.shared_fetches,
             'prefetches': cache.prefetches,
             'prefetched_bytes': cache.prefetched_bytes,
+            'prefetch_memory_used_bytes': self.cache.prefetch_memory_used,
             'memory_used_bytes': self.cache.memory.used,
             'memory_capacity_bytes': self.cache.memory.capacity,
             'memory_blocks': len(self.cache.memory),
@@ -241,6 +244,8 @@ class Daemon:
             attr_timeout=options.attr_timeout,
             uid=os.getuid() if options.uid is None else options.uid,
             gid=os.getgid() if options.gid is None else options.gid, stats=self.stats)
+        metrics = (start_metrics_server(options.metrics_addr, self.stats, operations.latency)
+                   if options.metrics_addr else None)
         # Signal handlers are in place before the mount exists, so that a SIGTERM arriving as
         # soon as the mount appears still unmounts cleanly.
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as stop_signals, \
@@ -262,6 +267,8 @@ class Daemon:
             finally:
                 pyfuse3.close(unmount=True)
                 self.store.close()
+                if metrics is not None:
+                    metrics.stop()
 
     async def _announce_when_answering(self):
         pid = str(os.getpid()).encode()

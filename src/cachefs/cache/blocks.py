@@ -5,9 +5,12 @@ A block is identified by (key, etag, index): a changed object has a new ETag, so
 older version can never be served for it. An object is split into `block_size` blocks; the last
 one is shorter. A FUSE read is served from the blocks it overlaps, tier by tier:
 
-    memory tier (hot and prefetched blocks)  ->  SSD tier (block files)  ->  store (ranged GET)
+    memory tier (hot blocks) and prefetched blocks  ->  SSD tier (block files)  ->  store
 
-A block fetched from the store goes into memory and is queued for the SSD. A block read from the
+A block a reader fetched from the store goes into the memory tier; a block the prefetcher
+fetched waits in the prefetch buffer (bounded by --prefetch-memory, together with the prefetches
+in flight) until it is read or pushed out by newer ones. Both are queued for the SSD; when the
+SSD is slower than the store, fetchers wait for room in that queue rather than skip the SSD. A block read from the
 SSD is served from there and not copied into memory (no churn between tiers, no passive second
 copy); the kernel page cache keeps what is hot.
 
@@ -24,11 +27,14 @@ Concurrency rules (S3QL style; written once, here):
 - A fetched block must have exactly the expected length before it is cached or served.
 - Eviction only unlinks files; a reader that already opened one still reads whole, verified data.
   Readers never see a partially written block file: writes are renamed into place.
-- Prefetch is bounded by one global budget of bytes in flight, whatever the number of readers.
+- Prefetch is bounded by one global budget (bytes in flight plus bytes fetched and kept),
+  whatever the number of readers.
 """
 
 import logging
 import os
+
+from collections import OrderedDict
 
 import cachetools
 import trio
@@ -38,18 +44,19 @@ from .memory import MemoryTier
 
 log = logging.getLogger(__name__)
 
-_WRITE_QUEUE = 32            # blocks waiting for the SSD; beyond that, new blocks skip the SSD
+_WRITE_QUEUE = 64            # blocks waiting for the SSD; beyond that, fetchers wait (backpressure)
 _SEQUENTIAL_SLACK = 8 << 20  # the kernel's parallel readahead arrives slightly out of order
 _HEADER_ALLOWANCE = 8192     # a block file's header and alignment, reserved before writing
 
 
 class _Fetch:
-    __slots__ = ('done', 'data', 'error')
+    __slots__ = ('done', 'data', 'error', 'from_disk')
 
-    def __init__(self):
+    def __init__(self, from_disk=False):
         self.done = trio.Event()
         self.data = None
         self.error = None
+        self.from_disk = from_disk
 
 
 class _Stream:
@@ -63,7 +70,7 @@ class _Stream:
 
 class CacheCounters:
     __slots__ = ('memory_hits', 'disk_hits', 'misses', 'shared_fetches', 'prefetches',
-                 'prefetched_bytes', 'prefetch_dropped')
+                 'prefetched_bytes', 'prefetch_dropped', 'disk_prefetches')
 
     def __init__(self):
         for name in self.__slots__:
@@ -81,6 +88,9 @@ class BlockCache:
         self.max_window = prefetch_window // block_size
         self.prefetch_budget = prefetch_memory
         self.prefetch_in_flight = 0
+        # block_id -> (bytes, read from the SSD?), oldest first, within the prefetch budget
+        self._prefetched = OrderedDict()
+        self._prefetched_bytes = 0
         self._pending = {}
         self._headers = cachetools.LRUCache(maxsize=65536)   # block file name -> Header
         self._streams = cachetools.LRUCache(maxsize=4096)    # key -> _Stream
@@ -145,6 +155,14 @@ class BlockCache:
         if data is not None:
             self.counters.memory_hits += 1
             return memoryview(data)[start:start + length]
+        prefetched = self._prefetched.get(block_id)
+        if prefetched is not None:
+            data, from_disk = prefetched
+            if from_disk:
+                self.counters.disk_hits += 1
+            else:
+                self.counters.memory_hits += 1
+            return memoryview(data)[start:start + length]
         if self.disk is not None and block_id not in self._pending:
             data = await self._read_disk(block_id, start, length)
             if data is not None:
@@ -152,7 +170,7 @@ class BlockCache:
         data = await self._fetch(block_id, file_size, prefetch=False)
         return memoryview(data)[start:start + length]
 
-    async def _read_disk(self, block_id, start, length):
+    async def _read_disk(self, block_id, start, length, in_thread=False):
         disk = self.disk
         name = disk.name(block_id)
         if not disk.may_hold(name):
@@ -161,6 +179,8 @@ class BlockCache:
         header = self._headers.get(name)
         try:
             try:
+                if in_thread:
+                    raise BlockingIOError
                 header, data = read_block_file(path, block_id, start, length, header,
                                                os.RWF_NOWAIT)
             except BlockingIOError:
@@ -181,7 +201,8 @@ class BlockCache:
             return None
         self._headers[name] = header
         disk.touch(name)
-        self.counters.disk_hits += 1
+        if not in_thread:       # a prefetch counts as a hit when it is read
+            self.counters.disk_hits += 1
         return data
 
     async def _fetch(self, block_id, file_size, prefetch):
@@ -189,9 +210,12 @@ class BlockCache:
             fetch = self._pending.get(block_id)
             if fetch is None:
                 break
-            self.counters.shared_fetches += 1
             await fetch.done.wait()
             if fetch.data is not None:
+                if fetch.from_disk:
+                    self.counters.disk_hits += 1
+                else:
+                    self.counters.shared_fetches += 1
                 return fetch.data
             if isinstance(fetch.error, Exception):
                 raise fetch.error
@@ -205,16 +229,22 @@ class BlockCache:
             key, etag, index = block_id
             offset = index * self.block_size
             length = min(self.block_size, file_size - offset)
-            fetch.data = await self.store.read(key, etag, offset, length)
-            self.memory.put(block_id, fetch.data)
-            self._queue_for_disk(block_id, fetch.data)
-            return fetch.data
+            data = await self.store.read(key, etag, offset, length)
         except BaseException as exc:
             fetch.error = exc
             raise
+        else:
+            fetch.data = data
+            if prefetch:
+                self._keep_prefetched(block_id, data)
+            else:
+                self.memory.put(block_id, data)
         finally:
             del self._pending[block_id]
             fetch.done.set()
+        # After the waiters are released: this may wait for room in the SSD write queue.
+        await self._queue_for_disk(block_id, data)
+        return data
 
     def cached_blocks(self, key, etag, file_size):
         """(blocks of the object, blocks held in memory or on the SSD): for `warmup --check`."""
@@ -222,7 +252,7 @@ class BlockCache:
         held = 0
         for index in range(blocks):
             block_id = (key, etag, index)
-            if block_id in self.memory:
+            if block_id in self.memory or block_id in self._prefetched:
                 held += 1
             elif self.disk is not None:
                 name = self.disk.name(block_id)
@@ -233,13 +263,15 @@ class BlockCache:
 
     # -- SSD writes --
 
-    def _queue_for_disk(self, block_id, data):
+    async def _queue_for_disk(self, block_id, data):
         if self._write_queue is None:
             return
         try:
             self._write_queue.send_nowait((block_id, data))
         except trio.WouldBlock:
-            self.disk.counters.skipped_writes += 1
+            # The SSD is slower than the store: slow the fetchers down rather than skip blocks
+            # that the next epoch would then have to fetch again.
+            await self._write_queue.send((block_id, data))
 
     async def _disk_writer(self, receive):
         disk = self.disk
@@ -287,19 +319,58 @@ class BlockCache:
         first = (end - 1) // block_size + 1
         for index in range(first, min(first + stream.window, last_block + 1)):
             block_id = (key, etag, index)
-            if block_id in self._pending or block_id in self.memory:
-                continue
-            if self.disk is not None and self.disk.holds(self.disk.name(block_id)):
+            if block_id in self._pending or block_id in self.memory or \
+                    block_id in self._prefetched:
                 continue
             length = min(block_size, file_size - index * block_size)
-            if self.prefetch_in_flight + length > self.prefetch_budget:
+            if not self._room_for_prefetch(length):
                 self.counters.prefetch_dropped += 1
                 return
             self.prefetch_in_flight += length
-            self._nursery.start_soon(self._prefetch, block_id, file_size, length)
+            # A block on the SSD is prefetched from there: whole 4 MiB reads in a worker thread
+            # instead of four 1 MiB reads, each paying a thread hop and a cold-disk wait.
+            on_disk = self.disk is not None and self.disk.holds(self.disk.name(block_id))
+            self._nursery.start_soon(self._prefetch, block_id, file_size, length, on_disk)
 
-    async def _prefetch(self, block_id, file_size, length):
+    async def _prefetch_from_disk(self, block_id, length):
+        """Read a whole block from the SSD into the prefetch buffer; False if it is not there
+        (evicted, corrupt), so that the caller fetches it from the store instead."""
+        if block_id in self._pending:
+            return True
+        fetch = self._pending[block_id] = _Fetch(from_disk=True)
         try:
+            fetch.data = await self._read_disk(block_id, 0, length, in_thread=True)
+        finally:
+            del self._pending[block_id]
+            fetch.done.set()
+        if fetch.data is None:
+            return False
+        self._keep_prefetched(block_id, fetch.data, from_disk=True)
+        self.counters.disk_prefetches += 1
+        return True
+
+    def _room_for_prefetch(self, length):
+        """Make room in the prefetch budget (in flight + fetched) by dropping the oldest
+        prefetched blocks, which were read already or never will be; False if still full."""
+        while self.prefetch_in_flight + self._prefetched_bytes + length > self.prefetch_budget:
+            if not self._prefetched:
+                return False
+            _, (data, _) = self._prefetched.popitem(last=False)
+            self._prefetched_bytes -= len(data)
+        return True
+
+    def _keep_prefetched(self, block_id, data, from_disk=False):
+        self._prefetched[block_id] = (data, from_disk)
+        self._prefetched_bytes += len(data)
+
+    @property
+    def prefetch_memory_used(self):
+        return self.prefetch_in_flight + self._prefetched_bytes
+
+    async def _prefetch(self, block_id, file_size, length, on_disk):
+        try:
+            if on_disk and await self._prefetch_from_disk(block_id, length):
+                return
             await self._fetch(block_id, file_size, prefetch=True)
             self.counters.prefetches += 1
             self.counters.prefetched_bytes += length

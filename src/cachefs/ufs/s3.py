@@ -70,7 +70,8 @@ class S3Store(Store):
                 'AWS_PROFILE or ~/.aws/credentials, or use --no-sign-request for public buckets)')
         config = Config(
             connect_timeout=request_timeout, read_timeout=request_timeout,
-            retries={'max_attempts': 1, 'mode': 'standard'},
+            # 'max_attempts' would mean retries (1 = two tries); botocore must try exactly once.
+            retries={'total_max_attempts': 1, 'mode': 'standard'},
             max_pool_connections=max_connections, tcp_keepalive=True,
             s3={'addressing_style': 'path' if path_style else 'auto'},
             signature_version=UNSIGNED if no_sign_request else None,
