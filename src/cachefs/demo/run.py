@@ -7,7 +7,6 @@ The first epoch streams from the store; the second is served from the cache. It 
 rates and the store requests of each epoch, checks every file's sha256, and cleans up.
 """
 
-import hashlib
 import logging
 import os
 import random
@@ -22,7 +21,7 @@ from pathlib import Path
 from ..cli import read_stats
 from ..errors import EXIT_INTERNAL, EXIT_OK, EXIT_STORE, UserError
 from ..units import format_size, parse_size
-from .dataset import make_tfrecord_shards, parse_sample
+from .dataset import file_sha256, make_tfrecord_shards, parse_sample
 from .seaweed import SeaweedServer, upload_tree
 from .tfrecord import iter_records
 
@@ -60,14 +59,6 @@ def _drop_page_cache():
     with open('/proc/sys/vm/drop_caches', 'w') as f:
         f.write('3')
     return True
-
-
-def _sha256(path):
-    digest = hashlib.sha256()
-    with open(path, 'rb') as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def run_demo(options):
@@ -116,7 +107,7 @@ def run_demo(options):
                   f'{requests} store requests')
 
         bad = [name for name, size, digest in entries
-               if _sha256(mountpoint / name) != digest]
+               if file_sha256(mountpoint / name) != digest]
         print(f'sha256 of {len(entries)} files: ' + ('all match' if not bad else f'MISMATCH {bad}'))
         stats = read_stats(mountpoint)
         print(f"cache: {stats['hits']} block hits, {stats['misses']} misses, "
