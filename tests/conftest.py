@@ -23,7 +23,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 
 from cachefs.cli import process_alive  # noqa: E402
-from cachefs.demo.dataset import make_edge_case_tree, tree_manifest  # noqa: E402
+from cachefs.demo.dataset import file_sha256, make_edge_case_tree, tree_manifest  # noqa: E402
 from cachefs.demo.seaweed import SeaweedServer, upload_tree  # noqa: E402
 from support.oss_server import OssServer  # noqa: E402
 from support.proxy import CountingProxy  # noqa: E402
@@ -66,12 +66,7 @@ def run_cachefs(*args, env=None, timeout=120):
                           capture_output=True, text=True, timeout=timeout)
 
 
-def sha256_of(path):
-    digest = hashlib.sha256()
-    with open(path, 'rb') as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
+sha256_of = file_sha256
 
 
 @dataclass
