@@ -54,9 +54,10 @@ def pytest_configure(config):
 def clean_env(**extra):
     """The environment of a cachefs process: no AWS/OSS settings of the developer's leak in."""
     env = {k: v for k, v in os.environ.items()
-           if not k.startswith(('AWS_', 'OSS_', 'NOTIFY_SOCKET'))}
+           if not k.startswith(('AWS_', 'OSS_', 'CACHEFS_', 'NOTIFY_SOCKET'))}
     env['AWS_CONFIG_FILE'] = env['AWS_SHARED_CREDENTIALS_FILE'] = '/dev/null'
     env['AWS_EC2_METADATA_DISABLED'] = 'true'
+    env['CACHEFS_CONFIG'] = '/dev/null'     # a config file of the machine must not leak in
     env.update(extra)
     return env
 

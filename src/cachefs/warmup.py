@@ -9,9 +9,9 @@ It is resumable: the `user.cachefs.cached` xattr of each file tells how many of 
 daemon holds, and files that are fully cached are skipped, so an interrupted warm-up continues
 where it stopped. `--check` only sums that xattr.
 
-The SSD tier takes blocks through a short write queue and skips blocks when it overflows; a
-warm-up reads as fast as the store answers, so it pauses while the daemon reports many writes
-pending, and waits for them to finish before reporting: a warmed file is on the SSD.
+Before reporting, it waits until the daemon has no SSD writes pending, so that a warmed file is
+on the SSD (a daemon stopped right afterwards keeps it). When the SSD tier refused or evicted
+blocks during the run (it is full, or smaller than the data), the summary says so.
 """
 
 import errno
@@ -35,8 +35,7 @@ XATTR_CACHED = 'user.cachefs.cached'
 
 READ_SIZE = 1 << 20
 PROGRESS_INTERVAL = 5.0          # seconds between plain progress lines (not a terminal)
-POLL_INTERVAL = 0.05             # seconds between looks at the daemon's SSD write queue
-MAX_PENDING_WRITES = 8           # pause reading while this many blocks wait for the SSD
+POLL_INTERVAL = 0.05             # seconds between progress updates and looks at the daemon
 SHOWN_ERRORS = 5
 
 
@@ -111,7 +110,7 @@ class Progress:
         self._bar = None
         if self.stream.isatty():
             from tqdm import tqdm
-            self._bar = tqdm(total=total_bytes, unit='B', unit_scale=True, unit_divisor=1024,
+            self._bar = tqdm(total=total_bytes, unit='iB', unit_scale=True, unit_divisor=1024,
                              desc='warmup', file=self.stream, dynamic_ncols=True,
                              smoothing=0.1)
 
@@ -157,8 +156,6 @@ class Warmup:
         self.roots = sorted(set(roots))
         self.threads = threads
         self.stop = threading.Event()
-        self.may_read = threading.Event()
-        self.may_read.set()
         self.errors = []            # (path, message)
         self.loaded = []            # paths read to the end
         self.lock = threading.Lock()
@@ -204,7 +201,6 @@ class Warmup:
                 buffer = bytearray(READ_SIZE)
                 try:
                     while not self.stop.is_set():
-                        self.may_read.wait()
                         count = f.readinto(buffer)
                         if not count:
                             break
@@ -221,16 +217,10 @@ class Warmup:
             self.loaded.append(path)
         return True
 
-    def watch(self, progress, done):
-        """Until `done`: pause the readers while the SSD write queue is deep; draw progress."""
+    @staticmethod
+    def draw(progress, done):
         while not done.wait(POLL_INTERVAL):
-            pending = self.daemon_stats().get('disk_writes_pending', 0)
-            if pending >= MAX_PENDING_WRITES:
-                self.may_read.clear()
-            else:
-                self.may_read.set()
             progress.show()
-        self.may_read.set()
 
     def wait_for_disk_writes(self, timeout=120):
         deadline = time.monotonic() + timeout
@@ -248,8 +238,8 @@ class Warmup:
         before = self.daemon_stats()
         progress = Progress(sum(size for _, size in todo), len(todo))
         done = threading.Event()
-        watcher = threading.Thread(target=self.watch, args=(progress, done), daemon=True,
-                                   name='warmup-watch')
+        watcher = threading.Thread(target=self.draw, args=(progress, done), daemon=True,
+                                   name='warmup-progress')
         watcher.start()
         pool = ThreadPoolExecutor(self.threads, thread_name_prefix='warmup')
         try:
@@ -258,7 +248,6 @@ class Warmup:
             self.wait_for_disk_writes()
         except KeyboardInterrupt:
             self.stop.set()
-            self.may_read.set()
             raise
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
@@ -332,7 +321,7 @@ def print_summary(result):
     rate = format_size(result['bytes_per_second'])
     state = 'interrupted' if result['interrupted'] else 'done'
     print(f"warmup {state}: {result['files']} files, {format_size(result['bytes'])} "
-          f"in {result['seconds']:.1f}s")
+          f"in {result['seconds']:.2f}s")
     print(f"loaded          {result['files_loaded']} files, "
           f"{format_size(result['bytes_loaded'])} ({rate}/s)")
     print(f"already cached  {result['files_already_cached']} files skipped, "
