@@ -25,10 +25,29 @@ class SourceURL:
         return f'{self.scheme}://{self.bucket}/{self.prefix}'.rstrip('/')
 
 
+_CREDENTIALS_HELP = ('put them in the environment (AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, '
+                     'or OSS_ACCESS_KEY_ID and OSS_ACCESS_KEY_SECRET) or in ~/.aws/credentials')
+
+
+def _has_userinfo(url):
+    """True when `url` names a user (and maybe a password) before its host: 'x://user:pw@host'.
+
+    A command line is visible to every user of the machine (ps, /proc/PID/cmdline), and the URL
+    would reach logs and error messages: credentials there are refused, never echoed."""
+    _, separator, rest = url.partition('://')
+    if not separator:
+        return False
+    authority = rest.split('/', 1)[0].split('?', 1)[0]
+    return '@' in authority
+
+
 def parse_source(text):
     """'s3://bucket/some/prefix' -> SourceURL('s3', 'bucket', 'some/prefix/')."""
     if '://' not in text:
         return SourceURL('file', '', os.path.abspath(text))
+    if _has_userinfo(text):
+        raise UserError(f'the source URL must not hold credentials; {_CREDENTIALS_HELP}',
+                        EXIT_USAGE)
     scheme, _, rest = text.partition('://')
     scheme = scheme.lower()
     if scheme == 'file':
@@ -45,8 +64,20 @@ def parse_source(text):
     return SourceURL(scheme, bucket, prefix + '/' if prefix else '')
 
 
+def check_endpoint(endpoint_url, where='--endpoint-url'):
+    """Refuse an endpoint URL that carries credentials ('http://KEY:SECRET@host:port')."""
+    if endpoint_url and _has_userinfo(endpoint_url if '://' in endpoint_url
+                                      else 'https://' + endpoint_url):
+        raise UserError(f'{where} must not hold credentials; {_CREDENTIALS_HELP}', EXIT_USAGE)
+
+
 def open_store(source, options):
     """Build the `Store` for a parsed source. Raises `UserError` for missing configuration."""
+    check_endpoint(getattr(options, 'endpoint_url', None))
+    if source.scheme == 's3':
+        check_endpoint(os.environ.get('AWS_ENDPOINT_URL'), 'AWS_ENDPOINT_URL')
+    elif source.scheme == 'oss':
+        check_endpoint(os.environ.get('OSS_ENDPOINT'), 'OSS_ENDPOINT')
     try:
         if source.scheme == 'file':
             from .local import LocalStore

@@ -2,8 +2,14 @@
 
 Every SDK call runs in a worker thread under one `CapacityLimiter`, never on the trio thread
 (pyfuse3 runs all FUSE requests on that one thread: a blocking call there stalls the mount).
-Retries use exponential backoff with full jitter and stop once `retry_timeout` would be exceeded;
-the per-request timeout lives in each backend's SDK configuration.
+Retries use exponential backoff with full jitter and stop once `retry_timeout` would be exceeded.
+
+Each attempt of a read or stat is also bounded as a whole by the store's `request_timeout`. The
+SDKs' own timeouts bound each socket operation, not the request: a store (or a middlebox) that
+trickles a few bytes every second never trips them, and the FUSE read would wait for as long as
+it trickles. An attempt past its deadline is abandoned (its worker thread finishes in the
+background, keeping its place under the concurrency bound until then) and counts as a transient
+failure, so a read ends, with its bytes or EIO, within about retry_timeout + request_timeout.
 """
 
 import logging
@@ -12,7 +18,7 @@ import time
 
 import trio
 
-from .errors import StoreError
+from .errors import StoreError, TransientError
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +62,7 @@ class AsyncStore:
         self.retry_timeout = retry_timeout
         self.counters = StoreCounters()
         self._limiter = trio.CapacityLimiter(max_concurrency)
+        self.request_timeout = getattr(store, 'request_timeout', None)   # None: no bound
 
     async def read(self, key, etag, offset, length):
         data = await self._call(self.store.read, key, etag, offset, length)
@@ -66,16 +73,24 @@ class AsyncStore:
         return await self._call(self.store.stat, key)
 
     async def list_objects(self):
-        # One thread call for the whole listing: pagination is sequential anyway.
-        return await self._call(lambda: list(self.store.list_objects()))
+        # One thread call for the whole listing: pagination is sequential anyway. A listing of
+        # many pages may rightly take longer than one request, so it has no overall deadline.
+        return await self._call(lambda: list(self.store.list_objects()), bounded=False)
 
-    async def _call(self, fn, *args):
+    async def _call(self, fn, *args, bounded=True):
         budget = RetryBudget(self.retry_timeout)
+        timeout = self.request_timeout if bounded else None
         while True:
             self.counters.requests += 1
             self.counters.in_flight += 1
             try:
-                return await trio.to_thread.run_sync(fn, *args, limiter=self._limiter)
+                if timeout is None:
+                    return await trio.to_thread.run_sync(fn, *args, limiter=self._limiter)
+                with trio.move_on_after(timeout):
+                    return await trio.to_thread.run_sync(fn, *args, limiter=self._limiter,
+                                                         abandon_on_cancel=True)
+                raise TransientError(f'{getattr(fn, "__name__", "request")} {args[0]!r}: no '
+                                     f'complete answer within the request timeout ({timeout:g}s)')
             except StoreError as exc:
                 self.counters.errors += 1
                 delay = budget.delay_after(exc)

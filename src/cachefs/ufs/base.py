@@ -24,6 +24,9 @@ class Store:
 
     #: URL-like name for messages and the cache folder, never containing secrets
     source = ''
+    #: seconds one call of `read` or `stat` may take in all (None: unbounded); `AsyncStore`
+    #: abandons an attempt that takes longer, whatever the SDK's per-socket timeouts say
+    request_timeout = None
 
     def list_objects(self):
         """Yield an `ObjectInfo` for every object under the prefix, paginating as needed."""

@@ -37,9 +37,16 @@ class LocalStore(Store):
         return os.path.join(self.root, key)
 
     def list_objects(self):
-        yield from self._walk(self.root, '')
+        try:
+            st = os.stat(self.root)
+        except OSError as exc:
+            raise _translate(exc, self.root) from None
+        yield from self._walk(self.root, '', frozenset({(st.st_dev, st.st_ino)}))
 
-    def _walk(self, folder, key_prefix):
+    def _walk(self, folder, key_prefix, ancestors):
+        # `ancestors`: the (device, inode) of every folder on the way here, so that a link back
+        # to one of them (`ln -s .. loop`) is skipped instead of walked 40 levels deep (and
+        # 2**40 times with two such links).
         try:
             entries = list(os.scandir(folder))
         except OSError as exc:
@@ -54,7 +61,12 @@ class LocalStore(Store):
                 log.warning('skipping %s: cannot stat it (dangling link?)', entry.path)
                 continue
             if stat.S_ISDIR(st.st_mode):
-                yield from self._walk(entry.path, key + '/')
+                identity = (st.st_dev, st.st_ino)
+                if identity in ancestors:
+                    log.warning('skipping %s: a link back to a folder that contains it',
+                                entry.path)
+                    continue
+                yield from self._walk(entry.path, key + '/', ancestors | {identity})
             elif stat.S_ISREG(st.st_mode):
                 yield ObjectInfo(key, st.st_size, _etag(st), st.st_mtime_ns)
 

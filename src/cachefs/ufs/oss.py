@@ -70,6 +70,7 @@ class OssStore(Store):
         oss2.defaults.connection_pool_size = max(oss2.defaults.connection_pool_size, 64)
         self.bucket_name = bucket
         self.prefix = prefix
+        self.request_timeout = request_timeout
         self.bucket = oss2.Bucket(auth, endpoint_url, bucket, connect_timeout=request_timeout,
                                   enable_crc=False, app_name='cachefs', is_path_style=path_style)
         self.source = f'oss://{bucket}/{prefix}'.rstrip('/')

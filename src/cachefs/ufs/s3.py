@@ -6,6 +6,8 @@ policy lives in `async_store` so that it is the same for every store and bounded
 """
 
 import logging
+import os
+import stat
 
 import boto3
 import botocore.exceptions
@@ -58,11 +60,34 @@ _SDK_ERRORS = (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientErro
                urllib3.exceptions.HTTPError)
 
 
+def warn_about_loose_credentials_files(environ=os.environ):
+    """One warning per AWS file holding secrets that group or others may read: the shared
+    credentials file, and the config file when it holds a secret key too."""
+    files = [(environ.get('AWS_SHARED_CREDENTIALS_FILE') or '~/.aws/credentials', False),
+             (environ.get('AWS_CONFIG_FILE') or '~/.aws/config', True)]
+    for path, only_with_secret in files:
+        path = os.path.expanduser(path)
+        try:
+            st = os.stat(path)
+            if not stat.S_ISREG(st.st_mode) or not st.st_mode & 0o077:
+                continue        # /dev/null and the like, or private: nothing to say
+            if only_with_secret:
+                with open(path, encoding='utf-8', errors='replace') as f:
+                    if 'aws_secret_access_key' not in f.read().lower():
+                        continue
+        except OSError:
+            continue
+        log.warning('AWS credentials file %s is readable by group or others (mode %04o); '
+                    'chmod 600 it', path, stat.S_IMODE(st.st_mode))
+
+
 class S3Store(Store):
     def __init__(self, bucket, prefix, endpoint_url=None, region=None, path_style=False,
                  request_timeout=30.0, no_sign_request=False, max_connections=64):
         self.bucket = bucket
         self.prefix = prefix
+        self.request_timeout = request_timeout
+        warn_about_loose_credentials_files()
         session = boto3.session.Session()
         if not no_sign_request and session.get_credentials() is None:
             raise CredentialsMissing(
