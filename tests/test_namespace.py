@@ -92,7 +92,8 @@ def test_tree_changes_name_replaced_and_deleted_objects():
     changed, removed = tree_changes(old, new)
     by_key = {n.key: i for i, n in old.nodes.items()}
     assert changed == [by_key['dir/']]
-    assert sorted(removed) == sorted([(by_key['dir/'], b'gone'), (ROOT_INODE, b'replace')])
+    assert sorted(removed) == sorted([(by_key['dir/'], b'gone'), (ROOT_INODE, b'replace'),
+                                      (by_key['dir/'], b'added')])
 
 
 def test_a_replaced_object_gets_a_new_inode_and_an_unchanged_one_keeps_its_own():

@@ -225,9 +225,6 @@ def test_kill_9_mid_epoch_ends_blocked_reads_and_the_dead_mount_says_enotconn_un
     assert not leftover.exists()
 
 
-@pytest.mark.xfail(strict=True, reason='bug: mounts.check_mountpoint probes with os.stat, which '
-                   'the kernel answers from its attribute cache on a dead mount, so the user is '
-                   'told "already a mount point" instead of "dead mount: cachefs umount"')
 def test_mounting_over_a_dead_mount_says_to_run_cachefs_umount(local_source, mounter):
     mounted = mounter.mount(local_source)
     os.stat(mounted.path)               # the kernel now holds the root's attributes
@@ -360,9 +357,6 @@ def test_read_only_cache_disk_at_mount_time_is_a_clear_error(dataset, proxy, sea
     assert not is_mounted(mountpoint)
 
 
-@pytest.mark.xfail(strict=True, reason='bug: tmpfs (and overlayfs on older kernels) refuse '
-                   'RWF_NOWAIT with EOPNOTSUPP; BlockCache._read_disk takes that for an '
-                   'unreadable block, warns, and reads the store instead of the SSD')
 def test_ssd_tier_on_a_tmpfs_serves_its_blocks(dataset, proxy, seaweed, mounter, tmp_path):
     if os.geteuid() != 0:
         pytest.skip('mounting a tmpfs needs root')

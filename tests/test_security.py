@@ -175,9 +175,6 @@ def test_keys_that_are_not_posix_paths_never_escape_or_crash_the_mount(private_o
     assert pid_alive(mounted.pid)
 
 
-@pytest.mark.xfail(strict=True, reason='bug: cache/listing.py packs keys with msgpack\'s strict '
-                   'UTF-8, so one file name that is not UTF-8 makes save_listing raise '
-                   'UnicodeEncodeError and the mount fails with "internal error" (exit 1)')
 def test_local_names_posix_allows_but_utf8_does_not_are_served(tmp_path, mounter):
     root = tmp_path / 'local-src'
     root.mkdir()

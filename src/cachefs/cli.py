@@ -138,6 +138,10 @@ def apply_option_layers(parser, argv, options):
 # -- mount --
 
 def command_mount(options):
+    # Refuse credentials in URLs here, before they would reach the daemon's command line.
+    from .ufs import check_endpoint, parse_source
+    parse_source(options.source)
+    check_endpoint(options.endpoint_url)
     if options.foreground:
         return run_daemon(options)
     return spawn_daemon(options)

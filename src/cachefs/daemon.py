@@ -100,8 +100,9 @@ def load_namespace(store, source, folder, options):
     listed_at = time.time()
     try:
         save_listing(folder, str(source), objects, listed_at)
-    except OSError as exc:
-        log.warning('could not save the listing in %s: %s', folder, exc.strerror)
+    except (OSError, ValueError) as exc:
+        # only a cache: the mount works without it, the next one lists again
+        log.warning('could not save the listing in %s: %s', folder, exc)
     return listed_at, objects
 
 
@@ -316,22 +317,22 @@ class Daemon:
         objects = await self.async_store.list_objects()
         listed_at = time.time()
         tree = build_tree(objects, int(listed_at * 1e9))
-        changed, removed = tree_changes(self.tree, tree)
+        changed, stale_entries = tree_changes(self.tree, tree)
         self.operations.replace_tree(tree)
         self.tree = tree
         self.listed_at = listed_at
         for inode in changed:
             await trio.to_thread.run_sync(_invalidate_inode, inode)
-        for parent, name in removed:
+        for parent, name in stale_entries:
             await trio.to_thread.run_sync(_invalidate_entry, parent, name)
         self.listing_generation += 1
-        log.info('refreshed %s: %d changed, %d removed, %d files', self.source, len(changed),
-                 len(removed), tree.file_count)
+        log.info('refreshed %s: %d folders and %d names changed, %d files', self.source,
+                 len(changed), len(stale_entries), tree.file_count)
         try:
             await trio.to_thread.run_sync(save_listing, self.folder, str(self.source), objects,
                                           listed_at)
-        except OSError as exc:
-            log.warning('could not save the listing: %s', exc.strerror)
+        except (OSError, ValueError) as exc:
+            log.warning('could not save the listing: %s', exc)
 
     async def _stop_on_signal(self, stop_signals):
         async for signum in stop_signals:

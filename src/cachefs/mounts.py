@@ -57,6 +57,11 @@ def find_mount(path):
     return found
 
 
+def _dead_mount(path):
+    return UserError(f'mount point {path} holds a dead FUSE mount (transport endpoint not '
+                     f'connected); clean it with: cachefs umount {path}', EXIT_MOUNTPOINT)
+
+
 def check_mountpoint(path):
     """Raise `UserError` unless `path` is an existing, empty folder that nothing is mounted on."""
     try:
@@ -65,14 +70,19 @@ def check_mountpoint(path):
         raise UserError(f'mount point {path} does not exist', EXIT_MOUNTPOINT) from None
     except OSError as exc:
         if exc.errno == errno.ENOTCONN:
-            raise UserError(f'mount point {path} holds a dead FUSE mount (transport endpoint '
-                            f'not connected); clean it with: cachefs umount {path}',
-                            EXIT_MOUNTPOINT) from None
+            raise _dead_mount(path) from None
         raise UserError(f'mount point {path}: {exc.strerror}', EXIT_MOUNTPOINT) from None
     if not stat.S_ISDIR(st.st_mode):
         raise UserError(f'mount point {path} is not a directory', EXIT_MOUNTPOINT)
     entry = find_mount(path)
     if entry is not None:
+        # stat() of a dead FUSE mount can be answered from the kernel's attribute cache;
+        # statvfs() always asks the daemon, and a dead one answers ENOTCONN.
+        try:
+            os.statvfs(path)
+        except OSError as exc:
+            if exc.errno == errno.ENOTCONN:
+                raise _dead_mount(path) from None
         raise UserError(f'{path} is already a mount point ({entry.fstype} from {entry.source})',
                         EXIT_MOUNTPOINT)
     try:

@@ -191,16 +191,20 @@ def file_mode(node):
 def tree_changes(old, new):
     """What the kernel must forget when `new` replaces `old`.
 
-    Returns (folder inodes whose list of names changed, (parent inode, name) entries that are
-    gone or now name another inode). A replaced object has a new inode, so it shows up as an
-    entry to forget, not as changed data.
+    Returns (folder inodes whose list of names changed, (parent inode, name) entries to forget:
+    names that are gone, now name another inode, or are new). A replaced object has a new inode,
+    so it shows up as an entry to forget, not as changed data; a new name may sit in the kernel
+    as a cached negative lookup, which must go too.
     """
     changed = []
-    removed = []
+    entries = []
     for inode, node in old.nodes.items():
         fresh = new.nodes.get(inode)
         if fresh is None or fresh.key != node.key:
-            removed.append((node.parent, node.name))
+            entries.append((node.parent, node.name))
         elif node.is_dir and fresh.sorted_names != node.sorted_names:
             changed.append(inode)
-    return changed, removed
+    for inode, node in new.nodes.items():
+        if inode not in old.nodes and node.parent in old.nodes:
+            entries.append((node.parent, node.name))
+    return changed, list(dict.fromkeys(entries))     # a replaced name is both gone and new

@@ -31,6 +31,7 @@ Concurrency rules (S3QL style; written once, here):
   whatever the number of readers.
 """
 
+import errno
 import logging
 import os
 
@@ -92,6 +93,7 @@ class BlockCache:
         self._prefetched = OrderedDict()
         self._prefetched_bytes = 0
         self._pending = {}
+        self._nowait_works = True
         self._headers = cachetools.LRUCache(maxsize=65536)   # block file name -> Header
         self._streams = cachetools.LRUCache(maxsize=4096)    # key -> _Stream
         self._nursery = None
@@ -179,11 +181,20 @@ class BlockCache:
         header = self._headers.get(name)
         try:
             try:
-                if in_thread:
+                if in_thread or not self._nowait_works:
                     raise BlockingIOError
                 header, data = read_block_file(path, block_id, start, length, header,
                                                os.RWF_NOWAIT)
             except BlockingIOError:
+                header, data = await trio.to_thread.run_sync(
+                    read_block_file, path, block_id, start, length, header)
+            except OSError as exc:
+                if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                    raise
+                # tmpfs, and overlayfs on older kernels, refuse RWF_NOWAIT: read in threads.
+                log.info('the cache file system does not support RWF_NOWAIT; SSD reads go '
+                         'through worker threads')
+                self._nowait_works = False
                 header, data = await trio.to_thread.run_sync(
                     read_block_file, path, block_id, start, length, header)
         except FileNotFoundError:

@@ -31,7 +31,8 @@ def save_listing(folder, source, objects, listed_at=None):
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     try:
         with os.fdopen(fd, 'wb') as f:
-            msgpack.pack(payload, f, use_bin_type=True)
+            # Local file names need not be UTF-8: keep their bytes through surrogateescape.
+            msgpack.pack(payload, f, use_bin_type=True, unicode_errors='surrogateescape')
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -48,7 +49,8 @@ def load_listing(folder, source):
     path = os.path.join(folder, FILE_NAME)
     try:
         with open(path, 'rb') as f:
-            payload = msgpack.unpack(f, raw=False, strict_map_key=False)
+            payload = msgpack.unpack(f, raw=False, strict_map_key=False,
+                                    unicode_errors='surrogateescape')
         if payload.get('version') != FORMAT_VERSION or payload.get('source') != source:
             log.info('ignoring saved listing %s: other version or source', path)
             return None

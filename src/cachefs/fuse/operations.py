@@ -141,7 +141,14 @@ class Operations(pyfuse3.Operations):
             return self._attributes(self._node(self._node(parent_inode).parent))
         node = self.tree.lookup(parent_inode, name)
         if node is None:
-            raise pyfuse3.FUSEError(errno.ENOENT)
+            self._node(parent_inode)
+            # A negative entry (inode 0): the kernel caches the miss for entry_timeout, so
+            # probing a missing name does not cost a request each time. A refresh that adds
+            # the name invalidates it.
+            attrs = pyfuse3.EntryAttributes()
+            attrs.st_ino = 0
+            attrs.entry_timeout = self.entry_timeout
+            return attrs
         return self._attributes(node)
 
     @_handler
