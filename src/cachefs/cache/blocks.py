@@ -94,6 +94,9 @@ class BlockCache:
         self._prefetched_bytes = 0
         self._pending = {}
         self._nowait_works = True
+        # A block whose fetch just failed fails again at once for a second: the kernel asks
+        # again for the pages of a failed readahead, and should not wait out the retries twice.
+        self._recent_failures = cachetools.TTLCache(maxsize=1024, ttl=1.0)
         self._headers = cachetools.LRUCache(maxsize=65536)   # block file name -> Header
         self._streams = cachetools.LRUCache(maxsize=4096)    # key -> _Stream
         self._nursery = None
@@ -233,6 +236,9 @@ class BlockCache:
             data = self.memory.get(block_id)   # the fetcher was cancelled: try again ourselves
             if data is not None:
                 return data
+        failure = self._recent_failures.get(block_id)
+        if failure is not None:
+            raise failure
         if not prefetch:
             self.counters.misses += 1
         fetch = self._pending[block_id] = _Fetch()
@@ -243,6 +249,8 @@ class BlockCache:
             data = await self.store.read(key, etag, offset, length)
         except BaseException as exc:
             fetch.error = exc
+            if isinstance(exc, Exception):
+                self._recent_failures[block_id] = exc
             raise
         else:
             fetch.data = data
