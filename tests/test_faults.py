@@ -19,6 +19,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from cachefs.cache.blocks import FAILURE_MEMORY_SECONDS
+
 from conftest import (BLOCK_SIZE, Mounter, Source, clean_env, drop_page_cache, pid_alive,
                       write_tree)
 from support.faults import (KINDS, Always, ByName, FaultProxy, FirstTry, SeededMix,
@@ -157,10 +159,10 @@ def test_every_kind_of_persistent_fault_fails_the_read_with_eio_in_bounded_time(
     print(f'all kinds failed within {time.monotonic() - started:.2f}s')
     assert pid_alive(mounted.pid)
 
-    # the store recovers: a failure is remembered for a second only (so that the kernel's
+    # the store recovers: a failure is remembered for a moment only (so that the kernel's
     # immediate second request for the same pages fails at once); then every byte comes back
     proxy.heal()
-    time.sleep(1.2)
+    time.sleep(FAILURE_MEMORY_SECONDS + 0.2)
     for kind, (data, error, _) in read_all_kinds(mounted, 'always').items():
         assert error is None, (kind, error)
         assert data == (root / f'always-{kind}.bin').read_bytes(), kind

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import pytest
 
+from cachefs.cache.blocks import FAILURE_MEMORY_SECONDS
+
 from cachefs import errors
 from cachefs.cache.disk import SUFFIX
 from cachefs.demo.seaweed import upload_tree
@@ -137,6 +139,7 @@ def test_store_down_mid_epoch_fails_uncached_reads_with_eio_and_serves_cached_on
     assert pid_alive(mounted.pid)
 
     proxy.resume()
+    time.sleep(FAILURE_MEMORY_SECONDS + 0.2)    # the last failure is remembered that long
     assert bounded_read(mounted.path / uncached) == (expected[uncached], None)
 
 

@@ -48,6 +48,7 @@ log = logging.getLogger(__name__)
 _WRITE_QUEUE = 64            # blocks waiting for the SSD; beyond that, fetchers wait (backpressure)
 _SEQUENTIAL_SLACK = 8 << 20  # the kernel's parallel readahead arrives slightly out of order
 _HEADER_ALLOWANCE = 8192     # a block file's header and alignment, reserved before writing
+FAILURE_MEMORY_SECONDS = 0.5  # how long a failed block keeps failing without a new fetch
 
 
 class _Fetch:
@@ -94,9 +95,9 @@ class BlockCache:
         self._prefetched_bytes = 0
         self._pending = {}
         self._nowait_works = True
-        # A block whose fetch just failed fails again at once for a second: the kernel asks
+        # A block whose fetch just failed fails again at once for a moment: the kernel asks
         # again for the pages of a failed readahead, and should not wait out the retries twice.
-        self._recent_failures = cachetools.TTLCache(maxsize=1024, ttl=1.0)
+        self._recent_failures = cachetools.TTLCache(maxsize=1024, ttl=FAILURE_MEMORY_SECONDS)
         self._headers = cachetools.LRUCache(maxsize=65536)   # block file name -> Header
         self._streams = cachetools.LRUCache(maxsize=4096)    # key -> _Stream
         self._nursery = None
