@@ -34,6 +34,7 @@ Concurrency rules (S3QL style; written once, here):
 import errno
 import logging
 import os
+import time
 
 from collections import OrderedDict
 
@@ -47,6 +48,7 @@ log = logging.getLogger(__name__)
 
 _WRITE_QUEUE = 64            # blocks waiting for the SSD; beyond that, fetchers wait (backpressure)
 _SEQUENTIAL_SLACK = 8 << 20  # the kernel's parallel readahead arrives slightly out of order
+_UNREAD_PREFETCH_TTL = 30.0  # an unread prefetched block older than this was abandoned
 _HEADER_ALLOWANCE = 8192     # a block file's header and alignment, reserved before writing
 FAILURE_MEMORY_SECONDS = 0.5  # how long a failed block keeps failing without a new fetch
 
@@ -70,6 +72,17 @@ class _Stream:
         self.window = 0
 
 
+class _Prefetched:
+    """A prefetched block waiting in the prefetch buffer."""
+    __slots__ = ('data', 'from_disk', 'read', 'since')
+
+    def __init__(self, data, from_disk):
+        self.data = data
+        self.from_disk = from_disk
+        self.read = False           # a reader used it: it may make room for newer prefetches
+        self.since = time.monotonic()
+
+
 class CacheCounters:
     __slots__ = ('memory_hits', 'disk_hits', 'misses', 'shared_fetches', 'prefetches',
                  'prefetched_bytes', 'prefetch_dropped', 'disk_prefetches')
@@ -90,7 +103,7 @@ class BlockCache:
         self.max_window = prefetch_window // block_size
         self.prefetch_budget = prefetch_memory
         self.prefetch_in_flight = 0
-        # block_id -> (bytes, read from the SSD?), oldest first, within the prefetch budget
+        # block_id -> _Prefetched, oldest first, within the prefetch budget
         self._prefetched = OrderedDict()
         self._prefetched_bytes = 0
         self._pending = {}
@@ -163,12 +176,12 @@ class BlockCache:
             return memoryview(data)[start:start + length]
         prefetched = self._prefetched.get(block_id)
         if prefetched is not None:
-            data, from_disk = prefetched
-            if from_disk:
+            prefetched.read = True
+            if prefetched.from_disk:
                 self.counters.disk_hits += 1
             else:
                 self.counters.memory_hits += 1
-            return memoryview(data)[start:start + length]
+            return memoryview(prefetched.data)[start:start + length]
         if self.disk is not None and block_id not in self._pending:
             data = await self._read_disk(block_id, start, length)
             if data is not None:
@@ -370,17 +383,28 @@ class BlockCache:
         return True
 
     def _room_for_prefetch(self, length):
-        """Make room in the prefetch budget (in flight + fetched) by dropping the oldest
-        prefetched blocks, which were read already or never will be; False if still full."""
-        while self.prefetch_in_flight + self._prefetched_bytes + length > self.prefetch_budget:
-            if not self._prefetched:
-                return False
-            _, (data, _) = self._prefetched.popitem(last=False)
-            self._prefetched_bytes -= len(data)
+        """Make room in the prefetch budget (in flight + fetched) by dropping prefetched blocks
+        that were read already, or that nobody read for a long time; never one still awaited,
+        which a reader would then fetch a second time. False when there is no room."""
+        needed = self.prefetch_in_flight + self._prefetched_bytes + length - self.prefetch_budget
+        if needed <= 0:
+            return True
+        abandoned = time.monotonic() - _UNREAD_PREFETCH_TTL
+        victims = []
+        for block_id, entry in self._prefetched.items():
+            if entry.read or entry.since < abandoned:
+                victims.append(block_id)
+                needed -= len(entry.data)
+                if needed <= 0:
+                    break
+        if needed > 0:
+            return False
+        for block_id in victims:
+            self._prefetched_bytes -= len(self._prefetched.pop(block_id).data)
         return True
 
     def _keep_prefetched(self, block_id, data, from_disk=False):
-        self._prefetched[block_id] = (data, from_disk)
+        self._prefetched[block_id] = _Prefetched(data, from_disk)
         self._prefetched_bytes += len(data)
 
     @property
