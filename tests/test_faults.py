@@ -23,18 +23,11 @@ from cachefs.cache.blocks import FAILURE_MEMORY_SECONDS
 
 from conftest import (BLOCK_SIZE, Mounter, Source, clean_env, drop_page_cache, pid_alive,
                       write_tree)
-from support.faults import (KINDS, Always, ByName, FaultProxy, FirstTry, SeededMix,
-                            call_within)
+from support.faults import (FAULT_OPTIONS, KINDS, READ_BOUND, REQUEST_TIMEOUT, RETRY_TIMEOUT,
+                            Always, ByName, FaultProxy, FirstTry, SeededMix, call_within)
 
 pytestmark = pytest.mark.fuse
 
-RETRY_TIMEOUT = 3.0
-REQUEST_TIMEOUT = 1.0
-FAULT_OPTIONS = ('--retry-timeout', f'{RETRY_TIMEOUT:g}s', '--request-timeout',
-                 f'{REQUEST_TIMEOUT:g}s')
-# A failing read may wait for two retry cycles: the kernel's readahead request for a page fails
-# after one, then the kernel asks once more, synchronously, for the page the reader wants.
-READ_BOUND = 2 * (RETRY_TIMEOUT + REQUEST_TIMEOUT) + 2.0
 BUCKET = 'cachefs-faults'
 MiB = 1 << 20
 SMALL_SIZE = int(3.5 * BLOCK_SIZE)

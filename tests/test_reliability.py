@@ -28,16 +28,11 @@ from cachefs.cache.disk import SUFFIX
 from cachefs.demo.seaweed import upload_tree
 from conftest import (BLOCK_SIZE, Source, clean_env, drop_page_cache, is_mounted, pid_alive,
                       run_cachefs, small_dataset, wait_for_disk_writes, wait_until, write_tree)
-from support.faults import Always, ByName, FaultProxy, call_within
+from support.faults import (FAULT_OPTIONS, READ_BOUND, REQUEST_TIMEOUT, RETRY_TIMEOUT, Always,
+                            ByName, FaultProxy, call_within)
 
 pytestmark = pytest.mark.fuse
 
-RETRY_TIMEOUT = 3.0
-REQUEST_TIMEOUT = 1.0
-FAULT_OPTIONS = ('--retry-timeout', f'{RETRY_TIMEOUT:g}s', '--request-timeout',
-                 f'{REQUEST_TIMEOUT:g}s')
-# see test_faults: a failing read may take two retry cycles (readahead, then the sync read)
-READ_BOUND = 2 * (RETRY_TIMEOUT + REQUEST_TIMEOUT) + 2.0
 BUCKET = 'cachefs-reliability'
 MiB = 1 << 20
 

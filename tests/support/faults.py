@@ -35,10 +35,9 @@ import socket
 import struct
 import threading
 import time
-import urllib.parse
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 
-from .proxy import _HOP_BY_HOP, CountingProxy
+from .proxy import _HOP_BY_HOP, CountingProxy, _Handler
 
 log = logging.getLogger(__name__)
 
@@ -142,20 +141,16 @@ class _FaultServer(ThreadingHTTPServer):
                   exc_info=True)
 
 
-class _FaultHandler(BaseHTTPRequestHandler):
-    protocol_version = 'HTTP/1.1'
-
+class _FaultHandler(_Handler):
     def log_message(self, fmt, *args):
         log.debug('fault proxy: ' + fmt, *args)
 
     def _forward(self):
         proxy = self.server.proxy
-        parsed = urllib.parse.urlsplit(self.path)
-        length = int(self.headers.get('Content-Length') or 0)
-        body = self.rfile.read(length) if length else None
-        proxy.record(self.command, parsed.path, parsed.query, self.headers)
-        if proxy.fault is not None and proxy.fault(self, body):
+        accepted = self._accept()
+        if accepted is None:
             return
+        parsed, body = accepted
         kind = None
         if proxy.plan is not None and (proxy.every_request or
                                        is_object_read(self.command, self.headers)):
@@ -426,3 +421,13 @@ def call_within(seconds, fn, *args):
         outcome.hung = True
         outcome.elapsed = time.monotonic() - started
     return outcome
+
+
+# Store options of the fault and reliability tests: short, so that failures end quickly.
+RETRY_TIMEOUT = 3.0
+REQUEST_TIMEOUT = 1.0
+FAULT_OPTIONS = ('--retry-timeout', f'{RETRY_TIMEOUT:g}s', '--request-timeout',
+                 f'{REQUEST_TIMEOUT:g}s')
+# A failing read may wait for two retry cycles: the kernel's readahead request for a page fails
+# after one, then the kernel asks once more, synchronously, for the page the reader wants.
+READ_BOUND = 2 * (RETRY_TIMEOUT + REQUEST_TIMEOUT) + 2.0

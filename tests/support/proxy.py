@@ -24,14 +24,23 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, fmt, *args):
         log.debug('proxy: ' + fmt, *args)
 
-    def _forward(self):
+    def _accept(self):
+        """Read and record the request; (parsed path, body), or None when `fault` answered it."""
         proxy = self.server.proxy
         parsed = urllib.parse.urlsplit(self.path)
         length = int(self.headers.get('Content-Length') or 0)
         body = self.rfile.read(length) if length else None
         proxy.record(self.command, parsed.path, parsed.query, self.headers)
         if proxy.fault is not None and proxy.fault(self, body):
+            return None
+        return parsed, body
+
+    def _forward(self):
+        proxy = self.server.proxy
+        accepted = self._accept()
+        if accepted is None:
             return
+        _, body = accepted
         upstream = proxy.upstream_connection()
         headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP_BY_HOP}
         try:
