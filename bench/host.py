@@ -15,6 +15,8 @@ import signal
 import subprocess
 import time
 
+from cachefs.demo import pagecache
+
 log = logging.getLogger(__name__)
 
 _CLK_TCK = os.sysconf('SC_CLK_TCK')
@@ -28,17 +30,11 @@ def can_drop_page_cache():
 
 
 def drop_page_cache():
-    """Write dirty pages back, then drop the clean page cache, dentries and inodes.
-
-    Returns False (and does nothing) when not root. This drops every process's page cache on
-    the machine, including SeaweedFS's volume files: a cold read then really reads the disk.
-    """
+    """Drop the machine's page cache (see cachefs.demo.pagecache); False when not root. This
+    also drops SeaweedFS's volume files: a cold read then really reads the disk."""
     if not can_drop_page_cache():
         return False
-    os.sync()
-    with open('/proc/sys/vm/drop_caches', 'w') as f:
-        f.write('3\n')
-    return True
+    return pagecache.drop_page_cache()
 
 
 # -- process counters --

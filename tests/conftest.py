@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from cachefs.cli import process_alive  # noqa: E402
 from cachefs.demo.dataset import file_sha256, make_edge_case_tree, tree_manifest  # noqa: E402
+from cachefs.demo import pagecache  # noqa: E402
 from cachefs.demo.seaweed import SeaweedServer, upload_tree  # noqa: E402
 from support.oss_server import OssServer  # noqa: E402
 from support.proxy import CountingProxy  # noqa: E402
@@ -289,10 +290,8 @@ def wait_until(predicate, timeout=30):
 
 def drop_page_cache():
     """Make the next read reach the daemon instead of the kernel's page cache (root only)."""
-    if os.geteuid() != 0:
+    if not pagecache.drop_page_cache():
         pytest.skip('dropping the page cache needs root')
-    os.sync()
-    Path('/proc/sys/vm/drop_caches').write_text('3')
 
 
 def wait_for_disk_writes(mounted, timeout=30):

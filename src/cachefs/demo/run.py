@@ -22,6 +22,7 @@ from ..cli import read_stats
 from ..errors import EXIT_INTERNAL, EXIT_OK, EXIT_STORE, UserError
 from ..units import format_size, parse_size
 from .dataset import file_sha256, make_tfrecord_shards, parse_sample
+from .pagecache import drop_page_cache
 from .seaweed import SeaweedServer, upload_tree
 from .tfrecord import iter_records
 
@@ -49,16 +50,6 @@ def _read_epoch(mountpoint, names, seed):
     with ThreadPoolExecutor(4) as pool:
         results = list(pool.map(read_shard, order))
     return sum(r[0] for r in results), sum(r[1] for r in results), time.perf_counter() - started
-
-
-def _drop_page_cache():
-    """As root, drop the kernel page cache so the second epoch measures cachefs, not the kernel."""
-    if os.geteuid() != 0:
-        return False
-    os.sync()
-    with open('/proc/sys/vm/drop_caches', 'w') as f:
-        f.write('3')
-    return True
 
 
 def run_demo(options):
@@ -98,7 +89,7 @@ def run_demo(options):
         names = [name for name, _, _ in entries]
         for epoch in (1, 2):
             if epoch == 2:
-                _drop_page_cache()
+                drop_page_cache()
             before = read_stats(mountpoint)['store_requests']
             total, records, seconds = _read_epoch(mountpoint, names, seed=epoch)
             requests = read_stats(mountpoint)['store_requests'] - before
