@@ -9,14 +9,13 @@ read: at ~1.5 GiB/s per core it would be the bottleneck; `verify_tree` checks co
 pass.
 """
 
-import hashlib
 import logging
 import multiprocessing
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from cachefs.demo.dataset import parse_sample
+from cachefs.demo.dataset import file_sha256, parse_sample
 from cachefs.demo.tfrecord import iter_records
 
 from . import host
@@ -158,19 +157,6 @@ def map_threads(function, items, threads, timeout=FILE_TIMEOUT * 4):
     return results
 
 
-def sha256_file(path):
-    digest = hashlib.sha256()
-    buffer = bytearray(READ_SIZE)
-    view = memoryview(buffer)
-    with open(path, 'rb', buffering=0) as f:
-        while True:
-            n = f.readinto(buffer)
-            if not n:
-                break
-            digest.update(view[:n])
-    return digest.hexdigest()
-
-
 def verify_tree(root, entries, threads=4):
     """Compare the files under `root` with a manifest; returns a list of problems (empty: ok).
 
@@ -193,7 +179,7 @@ def verify_tree(root, entries, threads=4):
         path = os.path.join(root, rel)
         try:
             actual_size = os.path.getsize(path)
-            actual = sha256_file(path)
+            actual = file_sha256(path)
         except OSError as exc:
             return f'{rel}: {exc}'
         if actual_size != size:

@@ -91,14 +91,19 @@ def test_kill_9_mid_read_then_remount_reuses_the_cache(mutable_s3_source, mounte
     assert mounted.stats()['disk_hits'] >= cached_blocks
 
 
-def test_corrupt_block_on_disk_is_detected_and_never_served(local_source, mounter):
-    mounted = mounter.mount(local_source)
-    big = max(local_source.manifest, key=lambda p: local_source.manifest[p][0])
+def cache_biggest_file(source, mounter):
+    """Read the biggest file once, let its blocks reach the SSD, unmount: (mounted, name)."""
+    mounted = mounter.mount(source)
+    big = max(source.manifest, key=lambda p: source.manifest[p][0])
     (mounted.path / big).read_bytes()
     wait_for_disk_writes(mounted)
     mounter.umount(mounted)
-    damaged = block_files(mounted.cache_dir)
-    for path in damaged:            # flip one byte near the end of every block's data
+    return mounted, big
+
+
+def test_corrupt_block_on_disk_is_detected_and_never_served(local_source, mounter):
+    mounted, big = cache_biggest_file(local_source, mounter)
+    for path in block_files(mounted.cache_dir):            # flip one byte near the end of every block's data
         with open(path, 'r+b') as f:
             f.seek(-100, os.SEEK_END)
             byte = f.read(1)
@@ -114,11 +119,7 @@ def test_corrupt_block_on_disk_is_detected_and_never_served(local_source, mounte
 
 
 def test_truncated_block_file_is_detected_and_never_served(local_source, mounter):
-    mounted = mounter.mount(local_source)
-    big = max(local_source.manifest, key=lambda p: local_source.manifest[p][0])
-    (mounted.path / big).read_bytes()
-    wait_for_disk_writes(mounted)
-    mounter.umount(mounted)
+    mounted, big = cache_biggest_file(local_source, mounter)
     for path in block_files(mounted.cache_dir):
         os.truncate(path, path.stat().st_size // 2)      # a torn write
     drop_page_cache()
