@@ -230,8 +230,9 @@ def to_json(result):
     return json.dumps(data, indent=2, default=str)
 
 
-SECTIONS = ('scenarios', 'block-size-sweep')
-_TITLE = {'scenarios': 'Scenarios', 'block-size-sweep': 'Block-size sweep'}
+SECTIONS = ('scenarios', 'block-size-sweep', 'get-cost', 'analysis')
+_TITLE = {'scenarios': 'Scenarios', 'block-size-sweep': 'Block-size sweep',
+          'get-cost': 'Cost of one store GET', 'analysis': 'Where the time goes (profiles)'}
 
 
 def results_section(result, text):

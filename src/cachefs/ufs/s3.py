@@ -16,17 +16,10 @@ from botocore import UNSIGNED
 from botocore.config import Config
 
 from .base import ObjectInfo, Store
-from .errors import (AccessDenied, BucketNotFound, CredentialsMissing, EndpointUnreachable,
-                     ObjectChanged, ObjectNotFound, StoreError, TransientError)
+from .errors import CredentialsMissing, EndpointUnreachable, StoreError, TransientError
+from .s3_get import RangedGetter, UseSdk, classify
 
 log = logging.getLogger(__name__)
-
-_NOT_FOUND = {'NoSuchKey', '404', 'NotFound'}
-_DENIED = {'AccessDenied', '403', 'InvalidAccessKeyId', 'SignatureDoesNotMatch', 'ExpiredToken',
-           'InvalidToken', 'AllAccessDisabled', 'AccountProblem', 'TokenRefreshRequired'}
-_CHANGED = {'PreconditionFailed', '412'}
-_TRANSIENT = {'SlowDown', 'Throttling', 'ThrottlingException', 'RequestTimeout', 'InternalError',
-              'ServiceUnavailable', 'RequestTimeTooSkewed', '500', '502', '503', '504'}
 
 
 def translate(exc, what):
@@ -35,18 +28,7 @@ def translate(exc, what):
         error = exc.response.get('Error', {})
         code = str(error.get('Code', ''))
         status = exc.response.get('ResponseMetadata', {}).get('HTTPStatusCode', 0)
-        message = f'{what}: {code or status} {error.get("Message", "")}'.rstrip()
-        if code == 'NoSuchBucket':
-            return BucketNotFound(message)
-        if code in _NOT_FOUND:
-            return ObjectNotFound(message)
-        if code in _DENIED or status in (401, 403):
-            return AccessDenied(message)
-        if code in _CHANGED or status == 412:
-            return ObjectChanged(message)
-        if code in _TRANSIENT or status >= 500 or status == 429:
-            return TransientError(message)
-        return StoreError(message)
+        return classify(code, status, f'{what}: {code or status} {error.get("Message", "")}'.rstrip())
     if isinstance(exc, botocore.exceptions.NoCredentialsError):
         return CredentialsMissing(f'{what}: no AWS credentials found')
     if isinstance(exc, (botocore.exceptions.EndpointConnectionError,
@@ -106,6 +88,20 @@ class S3Store(Store):
         self.client = session.client('s3', endpoint_url=endpoint_url, region_name=region,
                                      config=config)
         self.source = f's3://{bucket}/{prefix}'.rstrip('/')
+        self._getter = self._ranged_getter(None if no_sign_request else session.get_credentials())
+
+    def _ranged_getter(self, credentials):
+        """The lean GET path (`s3_get`), or None where this botocore does not allow it."""
+        http_session = getattr(getattr(self.client, '_endpoint', None), 'http_session', None)
+        if http_session is None:
+            log.info('botocore has no client HTTP session to share; every read goes through '
+                     'get_object')
+            return None
+        try:
+            return RangedGetter(self.client, self.bucket, credentials, http_session)
+        except (UseSdk, *_SDK_ERRORS) as exc:
+            log.info('object reads go through get_object: %s', exc)
+            return None
 
     def list_objects(self):
         paginator = self.client.get_paginator('list_objects_v2')
@@ -120,6 +116,19 @@ class S3Store(Store):
 
     def read(self, key, etag, offset, length):
         what = f'reading {self.bucket}/{self.prefix}{key}'
+        getter = self._getter
+        if getter is not None:
+            try:
+                return getter.get(self.prefix + key, etag, offset, length)
+            except StoreError as exc:
+                raise type(exc)(f'{what}: {exc}') from None
+            except UseSdk as exc:
+                # A redirect or an answer the lean path does not know: botocore handles it
+                # from now on (it follows region redirects and remembers them).
+                log.info('%s: %s; object reads go through get_object from now on', what, exc)
+                self._getter = None
+            except _SDK_ERRORS as exc:
+                raise translate(exc, what) from None
         try:
             response = self.client.get_object(
                 Bucket=self.bucket, Key=self.prefix + key, IfMatch=f'"{etag}"',

@@ -1,0 +1,98 @@
+"""`python bench/get_cost.py`: CPU and wall time of one ranged GET, botocore's `get_object`
+against the lean path cachefs reads objects with (`cachefs.ufs.s3_get`), in the same run.
+
+Why it matters: a first epoch over small files is one GET per file, made by the daemon's Python
+threads, so the CPU of one GET bounds files/s on a small machine. Each round reads every object
+of the small-files dataset (or the first --objects of them) once per path, alternating the order
+of the paths between rounds; figures are medians over rounds.
+"""
+
+import argparse
+import datetime
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+BENCH_DIR = Path(__file__).resolve().parent
+if str(BENCH_DIR.parent) not in sys.path:
+    sys.path.insert(0, str(BENCH_DIR.parent))
+
+from bench import datasets, host, report  # noqa: E402
+from bench.store import Store  # noqa: E402
+
+
+def measure(read, objects):
+    """(CPU ms per GET of this process, wall ms per GET) for reading every object once."""
+    cpu, wall = time.process_time(), time.perf_counter()
+    for obj in objects:
+        if len(read(obj)) != obj.size:
+            raise SystemExit(f'{obj.key}: short read')
+    count = len(objects)
+    return (time.process_time() - cpu) * 1e3 / count, (time.perf_counter() - wall) * 1e3 / count
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('--workdir', default='/var/tmp/cachefs-bench')
+    parser.add_argument('--small-files', type=int, default=1000, help='dataset size (files)')
+    parser.add_argument('--objects', type=int, default=500, help='objects read per round')
+    parser.add_argument('--rounds', type=int, default=5)
+    parser.add_argument('--write-results', action='store_true')
+    options = parser.parse_args(argv)
+    host.install_exit_handlers()
+    from cachefs.ufs.s3 import S3Store
+
+    store = Store(options.workdir)
+    part = datasets.prepare(options.workdir, 'small', options.small_files)
+    try:
+        store.start()
+        store.ensure(part)
+        os.environ.update(store.env())
+        s3 = S3Store(store.bucket, part.prefix + '/', endpoint_url=store.endpoint)
+        if s3._getter is None:
+            raise SystemExit('the lean GET path is off with this botocore; nothing to compare')
+        objects = list(s3.list_objects())[:options.objects]
+        lean = lambda o: s3._getter.get(s3.prefix + o.key, o.etag, 0, o.size)  # noqa: E731
+        sdk = lambda o: s3.client.get_object(  # noqa: E731
+            Bucket=s3.bucket, Key=s3.prefix + o.key, IfMatch=f'"{o.etag}"',
+            Range=f'bytes=0-{o.size - 1}')['Body'].read()
+        measure(lean, objects[:50])      # warm both connection pools
+        measure(sdk, objects[:50])
+        samples = {'get_object': [], 'lean': []}
+        for round_ in range(options.rounds):
+            order = [('get_object', sdk), ('lean', lean)]
+            for name, read in order if round_ % 2 == 0 else reversed(order):
+                samples[name].append(measure(read, objects))
+    finally:
+        store.stop()
+        host.cleanup()
+
+    rows = []
+    for name, label in (('get_object', 'boto3 `client.get_object`'),
+                        ('lean', 'cachefs lean path (`ufs/s3_get.py`)')):
+        cpu = statistics.median(c for c, _ in samples[name])
+        wall = statistics.median(w for _, w in samples[name])
+        rows.append([label, f'{cpu:.2f}', f'{wall:.2f}'])
+    cpu_ratio = (statistics.median(c for c, _ in samples['get_object'])
+                 / statistics.median(c for c, _ in samples['lean']))
+    table = report.markdown_table(['GET path', 'CPU ms per GET', 'wall ms per GET (1 at a time)'],
+                                  rows)
+    text = (f'{table}\n\nThe lean path costs {cpu_ratio:.1f}x less CPU per GET. Objects: '
+            f'{len(objects)} files of {part.describe()}, read whole with a Range and If-Match '
+            f'header, one at a time; medians of {options.rounds} rounds.')
+    print(text)
+    if options.write_results:
+        load = os.getloadavg()[0]
+        body = '\n'.join([
+            f"- command: `{' '.join(['python', 'bench/get_cost.py'] + list(argv or sys.argv[1:]))}`",
+            f"- date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}",
+            f'- machine: {os.cpu_count()} cores, shared (1-minute load average {load:.1f} at '
+            f'the end); the store is SeaweedFS on loopback', '', text])
+        report.write_results(BENCH_DIR / 'RESULTS.md', 'get-cost', body)
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
