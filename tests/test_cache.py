@@ -255,3 +255,22 @@ def test_cache_files_are_private(local_source, mounter):
     for path in files:
         assert path.stat().st_mode & 0o777 == 0o600
         assert path.parent.stat().st_mode & 0o777 == 0o700
+
+
+def test_prefetched_blocks_stay_in_the_memory_tier_once_read(mutable_s3_source, mounter):
+    """With the SSD tier off and a prefetch budget far smaller than the file, a second read of a
+    sequentially read file still sends no request: blocks that came by prefetch and were read
+    move to the memory tier when newer prefetches need their room, rather than vanish."""
+    source = mutable_s3_source
+    data = os.urandom(24 * BLOCK_SIZE + 123)
+    source.extra['client'].put_object(Bucket='cachefs-test', Key=f'{source.extra["prefix"]}/long',
+                                      Body=data)
+    mounted = mounter.mount(source, '--cache-size', '0', '--memory-cache-size', '64M',
+                            '--prefetch-memory', str(2 * BLOCK_SIZE),
+                            '--prefetch-window', str(4 * BLOCK_SIZE))
+    assert (mounted.path / 'long').read_bytes() == data
+    assert mounted.stats()['prefetched_bytes'] > 4 * BLOCK_SIZE
+    before = source.request_count()
+    drop_page_cache()
+    assert (mounted.path / 'long').read_bytes() == data
+    assert source.request_count() == before

@@ -9,7 +9,8 @@ one is shorter. A FUSE read is served from the blocks it overlaps, tier by tier:
 
 A block a reader fetched from the store goes into the memory tier; a block the prefetcher
 fetched waits in the prefetch buffer (bounded by --prefetch-memory, together with the prefetches
-in flight) until it is read or pushed out by newer ones. Both are queued for the SSD; when the
+in flight) until it is read, and once read it moves to the memory tier when newer prefetches need
+its room. Both are queued for the SSD; when the
 SSD is slower than the store, fetchers wait for room in that queue rather than skip the SSD. A block read from the
 SSD is served from there and not copied into memory (no churn between tiers, no passive second
 copy); the kernel page cache keeps what is hot.
@@ -240,6 +241,9 @@ class BlockCache:
                 break
             await fetch.done.wait()
             if fetch.data is not None:
+                prefetched = self._prefetched.get(block_id)
+                if prefetched is not None:
+                    prefetched.read = True    # else it would hold the prefetch budget for 30 s
                 if fetch.from_disk:
                     self.counters.disk_hits += 1
                 else:
@@ -400,7 +404,14 @@ class BlockCache:
         if needed > 0:
             return False
         for block_id in victims:
-            self._prefetched_bytes -= len(self._prefetched.pop(block_id).data)
+            entry = self._prefetched.pop(block_id)
+            self._prefetched_bytes -= len(entry.data)
+            if entry.read and not entry.from_disk:
+                # Read from the store and used, like a block a reader fetched itself: it joins
+                # the memory tier rather than vanish, so that the memory tier holds the latest
+                # blocks read whether they came by prefetch or not. (A block from the SSD stays
+                # out of the memory tier: no churn between tiers.)
+                self.memory.put(block_id, entry.data)
         return True
 
     def _keep_prefetched(self, block_id, data, from_disk=False):
