@@ -18,6 +18,7 @@ import collections
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -88,9 +89,9 @@ def print_perf(out, top):
         capture_output=True, text=True)
     # Unresolved frames of the Python interpreter are only addresses: leave them out.
     for line in report.stdout.splitlines():
-        if line.strip() and not line.lstrip(' |-').startswith('0x') and \
-                not line.startswith('#'):
-            print(line)
+        if line.startswith('#') or not line.strip(' |') or re.search(r'0x[0-9a-f]+\s*$', line):
+            continue
+        print(line)
 
 
 def print_py_spy(out, top):
