@@ -1,4 +1,4 @@
-"""`python bench/profile.py SCENARIO [--perf | --py-spy]`: one cachefs epoch under a profiler.
+"""`python bench/profile_epoch.py SCENARIO [--perf | --py-spy]`: one cachefs epoch under a profiler.
 
 Where a speed target is missed, this shows why: it mounts cachefs on a bench dataset (the same
 store, datasets and readers as bench/run.py), runs one scenario and prints, for the daemon, its
