@@ -1,9 +1,9 @@
 """Ranged GETs of one object version, signed with botocore's SigV4 signer but sent without
 botocore's per-call machinery.
 
-Why: `client.get_object` spends ~3.8 ms of CPU per call here (parameter handling, endpoint
-rules, event hooks, response parsing) against ~1.3 ms for the same signed GET sent directly
-(bench/RESULTS.md, "per-GET cost"). A training epoch over small files is one GET per file, and the
+Why: `client.get_object` spends ~4 ms of CPU per call here (parameter handling, endpoint
+rules, event hooks, response parsing) against ~1.7 ms for the same signed GET sent directly
+(bench/get_cost.py; bench/RESULTS.md, "Cost of one store GET"). A training epoch over small files is one GET per file, and the
 daemon's single Python thread shares the GIL with these calls, so that difference is the
 files/s of a first epoch.
 
