@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from cachefs.ufs.errors import AccessDenied, ObjectChanged, ObjectNotFound
+from cachefs.ufs.errors import AccessDenied, ObjectChanged, ObjectNotFound, TransientError
 from cachefs.ufs.s3 import S3Store
 
 from conftest import S3_BUCKET
@@ -93,3 +93,29 @@ def test_an_answer_it_does_not_know_goes_to_get_object_from_then_on(seaweed, s3_
     assert store.read(obj.key, obj.etag, 0, obj.size) == source
     assert transport.sent == 1 and len(sdk_reads) == 2
     assert store._getter is None
+
+
+def test_public_buckets_get_unsigned_requests_at_botocore_urls(monkeypatch):
+    """--no-sign-request: the lean path sends no Authorization header; the object URL follows
+    the client's addressing style (no network needed to build either)."""
+    for name in ('AWS_ACCESS_KEY_ID', 'AWS_SECRET_ACCESS_KEY', 'AWS_PROFILE'):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv('AWS_SHARED_CREDENTIALS_FILE', '/dev/null')
+    monkeypatch.setenv('AWS_CONFIG_FILE', '/dev/null')
+    sent = []
+
+    class Recorder:
+        def send(self, request):
+            sent.append(request)
+            raise ConnectionRefusedError('not sending')
+
+    path_style = S3Store('public-bucket', 'p/', endpoint_url='http://127.0.0.1:9',
+                         path_style=True, no_sign_request=True)
+    path_style._getter._http = Recorder()
+    with pytest.raises(TransientError):
+        path_style.read('a b/c~d+e.bin', 'etag', 0, 10)
+    request = sent[-1]
+    assert request.url == 'http://127.0.0.1:9/public-bucket/p/a%20b/c~d%2Be.bin'
+    assert 'Authorization' not in request.headers
+    assert request.headers['Range'] == 'bytes=0-9'
+    assert request.headers['If-Match'] == '"etag"'
