@@ -54,10 +54,16 @@ def main(argv=None):
         if s3._getter is None:
             raise SystemExit('the lean GET path is off with this botocore; nothing to compare')
         objects = list(s3.list_objects())[:options.objects]
-        lean = lambda o: s3._getter.get(s3.prefix + o.key, o.etag, 0, o.size)  # noqa: E731
-        sdk = lambda o: s3.client.get_object(  # noqa: E731
-            Bucket=s3.bucket, Key=s3.prefix + o.key, IfMatch=f'"{o.etag}"',
-            Range=f'bytes=0-{o.size - 1}')['Body'].read()
+        lean_getter = s3._getter
+
+        def reads_with(getter):
+            """`S3Store.read` itself, on the lean path or (getter None) on its get_object path."""
+            def read(obj):
+                s3._getter = getter
+                return s3.read(obj.key, obj.etag, 0, obj.size)
+            return read
+
+        lean, sdk = reads_with(lean_getter), reads_with(None)
         measure(lean, objects[:50])      # warm both connection pools
         measure(sdk, objects[:50])
         samples = {'get_object': [], 'lean': []}
@@ -86,7 +92,7 @@ def main(argv=None):
     if options.write_results:
         load = os.getloadavg()[0]
         body = '\n'.join([
-            f"- command: `{' '.join(['python', 'bench/get_cost.py'] + list(argv or sys.argv[1:]))}`",
+            f"- command: `{' '.join(['python', 'bench/get_cost.py', *(argv or sys.argv[1:])])}`",
             f"- date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}",
             f'- machine: {os.cpu_count()} cores, shared (1-minute load average {load:.1f} at '
             f'the end); the store is SeaweedFS on loopback', '', text])

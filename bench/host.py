@@ -39,15 +39,22 @@ def drop_page_cache():
 
 # -- process counters --
 
-def cpu_seconds(pid):
-    """User + system CPU seconds of a process and all its threads; None if it is gone."""
+def process_times(pid):
+    """(user CPU s, system CPU s, minor page faults) of a process and all its threads; None if
+    it is gone."""
     try:
         with open(f'/proc/{pid}/stat') as f:
             # The command name may hold spaces and parentheses: split after its last ')'.
             fields = f.read().rsplit(')', 1)[1].split()
     except (OSError, IndexError):
         return None
-    return (int(fields[11]) + int(fields[12])) / _CLK_TCK
+    return int(fields[11]) / _CLK_TCK, int(fields[12]) / _CLK_TCK, int(fields[7])
+
+
+def cpu_seconds(pid):
+    """User + system CPU seconds of a process and all its threads; None if it is gone."""
+    times = process_times(pid)
+    return None if times is None else times[0] + times[1]
 
 
 def peak_rss_bytes(pid):

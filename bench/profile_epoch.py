@@ -15,7 +15,6 @@ second measured).
 
 import argparse
 import collections
-import json
 import os
 import random
 import re
@@ -38,11 +37,9 @@ SCENARIOS = ('cold', 'warm', 'small-first', 'small-warm', 'walk')
 
 def daemon_counters(mount):
     """(user s, system s, minor faults, {FUSE op: count}) of the cachefs daemon so far."""
-    fields = Path(f'/proc/{mount.pid}/stat').read_text().rsplit(')', 1)[1].split()
-    ticks = os.sysconf('SC_CLK_TCK')
-    ops = json.loads(os.getxattr(mount.path, 'user.cachefs.stats'))['fuse_ops']
-    return (int(fields[11]) / ticks, int(fields[12]) / ticks, int(fields[7]),
-            {name: op['count'] for name, op in ops.items()})
+    user, system, faults = host.process_times(mount.pid)
+    ops = {name: op['count'] for name, op in mount.stats()['fuse_ops'].items()}
+    return user, system, faults, ops
 
 
 def run_epoch(scenario, mount, part, options):

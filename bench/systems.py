@@ -216,11 +216,25 @@ class CacheFS(System):
 class _ForegroundDaemon(System):
     """A peer that we run in the foreground as our child: its PID is the Popen's."""
     binary = '?'
+    version_flag = '--version'
 
     def unavailable(self):
         if not shutil.which(self.binary):
             return f'{self.binary} is not installed'
         return _fuse_missing()
+
+    def version(self):
+        out = subprocess.run([self.binary, self.version_flag], capture_output=True,
+                             text=True).stdout
+        return out.splitlines()[0].strip() if out else self.binary
+
+    def _private_file(self, name, text):
+        """Write `text` to a 0600 file in the run folder (it holds the store's secret key)."""
+        path = self.rundir / name
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, 'w') as f:
+            f.write(text)
+        return path
 
     def _command(self, part, mnt, cache_dir):
         raise NotImplementedError
@@ -271,18 +285,12 @@ class _ForegroundDaemon(System):
 class S3FS(_ForegroundDaemon):
     name = 's3fs'
     binary = 's3fs'
-
-    def version(self):
-        out = subprocess.run(['s3fs', '--version'], capture_output=True, text=True).stdout
-        return out.splitlines()[0].strip() if out else 's3fs'
+    version_flag = '--version'
 
     def _passwd_file(self):
-        path = self.rundir / 's3fs.passwd'
         # s3fs refuses a password file that others can read.
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, 'w') as f:
-            f.write(f'{self.store.access_key}:{self.store.secret_key}\n')
-        return path
+        return self._private_file('s3fs.passwd',
+                                  f'{self.store.access_key}:{self.store.secret_key}\n')
 
     def _command(self, part, mnt, cache_dir):
         options = [f'url={self.store.endpoint}', 'use_path_request_style',
@@ -295,20 +303,14 @@ class S3FS(_ForegroundDaemon):
 class Rclone(_ForegroundDaemon):
     name = 'rclone'
     binary = 'rclone'
-
-    def version(self):
-        out = subprocess.run(['rclone', 'version'], capture_output=True, text=True).stdout
-        return out.splitlines()[0].strip() if out else 'rclone'
+    version_flag = 'version'
 
     def _config(self):
-        path = self.rundir / 'rclone.conf'
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, 'w') as f:
-            f.write('[bench]\ntype = s3\nprovider = SeaweedFS\n'
-                    f'access_key_id = {self.store.access_key}\n'
-                    f'secret_access_key = {self.store.secret_key}\n'
-                    f'endpoint = {self.store.endpoint}\nregion = us-east-1\n')
-        return path
+        return self._private_file('rclone.conf', (
+            '[bench]\ntype = s3\nprovider = SeaweedFS\n'
+            f'access_key_id = {self.store.access_key}\n'
+            f'secret_access_key = {self.store.secret_key}\n'
+            f'endpoint = {self.store.endpoint}\nregion = us-east-1\n'))
 
     def _env(self):
         env = dict(os.environ)
