@@ -10,10 +10,10 @@ one is shorter. A FUSE read is served from the blocks it overlaps, tier by tier:
 A block a reader fetched from the store goes into the memory tier; a block the prefetcher
 fetched waits in the prefetch buffer (bounded by --prefetch-memory, together with the prefetches
 in flight) until it is read, and once read it moves to the memory tier when newer prefetches need
-its room. Both are queued for the SSD; when the
-SSD is slower than the store, fetchers wait for room in that queue rather than skip the SSD. A block read from the
-SSD is served from there and not copied into memory (no churn between tiers, no passive second
-copy); the kernel page cache keeps what is hot.
+its room. Both are queued for the SSD; when the SSD is slower than the store, fetchers wait for
+room in that queue rather than skip the SSD. A block read from the SSD is served from there and
+not copied into memory (no churn between tiers, no passive second copy); the kernel page cache
+keeps what is hot.
 
 Concurrency rules (S3QL style; written once, here):
 - Everything in this module runs on the one trio thread. Blocking work (store requests, SSD reads

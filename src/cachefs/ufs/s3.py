@@ -28,7 +28,8 @@ def translate(exc, what):
         error = exc.response.get('Error', {})
         code = str(error.get('Code', ''))
         status = exc.response.get('ResponseMetadata', {}).get('HTTPStatusCode', 0)
-        return classify(code, status, f'{what}: {code or status} {error.get("Message", "")}'.rstrip())
+        message = f'{what}: {code or status} {error.get("Message", "")}'.rstrip()
+        return classify(code, status, message)
     if isinstance(exc, botocore.exceptions.NoCredentialsError):
         return CredentialsMissing(f'{what}: no AWS credentials found')
     if isinstance(exc, (botocore.exceptions.EndpointConnectionError,

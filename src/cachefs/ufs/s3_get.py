@@ -3,9 +3,9 @@ botocore's per-call machinery.
 
 Why: `client.get_object` spends ~4 ms of CPU per call here (parameter handling, endpoint
 rules, event hooks, response parsing) against ~1.7 ms for the same signed GET sent directly
-(bench/get_cost.py; bench/RESULTS.md, "Cost of one store GET"). A training epoch over small files is one GET per file, and the
-daemon's single Python thread shares the GIL with these calls, so that difference is the
-files/s of a first epoch.
+(bench/get_cost.py; bench/RESULTS.md, "Cost of one store GET"). A training epoch over small
+files is one GET per file, and the daemon's single Python thread shares the GIL with these
+calls, so that difference is the files/s of a first epoch.
 
 What stays botocore's: the URL of an object (endpoint resolution, addressing style and region,
 taken once from a presigned URL of a probe key), the credentials (the session's chain, refreshed
