@@ -36,12 +36,15 @@ def test_second_full_read_sends_no_request_to_the_store(s3_source, mounter):
     assert s3_source.request_count() == before
 
 
+@pytest.mark.parametrize('wait_for_writes', [True, False], ids=['idle-writes', 'umount-flush'])
 def test_remount_serves_every_byte_from_the_ssd_with_the_store_stopped(private_oss_source,
-                                                                        mounter):
+                                                                        mounter, wait_for_writes):
+    """Blocks held in memory reach the SSD once the store is idle, or at the latest at umount."""
     source = private_oss_source
     mounted = mounter.mount(source)
     assert_tree_matches(mounted.path, source.manifest)
-    wait_for_disk_writes(mounted)
+    if wait_for_writes:
+        wait_for_disk_writes(mounted)
     mounter.umount(mounted)
     source.extra['server'].stop()
     drop_page_cache()

@@ -37,6 +37,7 @@ from .ufs.errors import AccessDenied, BucketNotFound, ObjectNotFound, StoreError
 log = logging.getLogger(__name__)
 
 _MIN_REFRESH_INTERVAL = 10.0
+_FLUSH_TIMEOUT = 30   # seconds spent writing blocks held in memory to the SSD at unmount
 
 
 def source_folder_name(source, endpoint_url):
@@ -256,6 +257,7 @@ class Daemon:
             except RuntimeError as exc:
                 raise UserError(f'FUSE refused to mount {self.mountpoint}: {exc}',
                                 EXIT_FUSE) from None
+            closed = False
             try:
                 async with trio.open_nursery() as nursery:
                     await nursery.start(self.cache.run)
@@ -263,13 +265,30 @@ class Daemon:
                     nursery.start_soon(self._stop_on_signal, stop_signals)
                     nursery.start_soon(self._refresh_periodically, hangups)
                     await pyfuse3.main(min_tasks=4, max_tasks=options.max_idle_threads)
+                    # Unmount first, so that nobody waits on a mount that no longer answers
+                    # while the blocks held in memory go to the SSD for the next mount.
+                    closed = True
+                    pyfuse3.close(unmount=True)
+                    log.info('%s was unmounted', self.mountpoint)
+                    await self._flush_cache()
                     nursery.cancel_scope.cancel()
-                log.info('%s was unmounted', self.mountpoint)
             finally:
-                pyfuse3.close(unmount=True)
+                if not closed:
+                    pyfuse3.close(unmount=True)
                 self.store.close()
                 if metrics is not None:
                     metrics.stop()
+
+    async def _flush_cache(self):
+        pending = self.cache.disk_writes_pending
+        if not pending:
+            return
+        log.info('writing %d cached blocks to the SSD tier', pending)
+        with trio.move_on_after(_FLUSH_TIMEOUT) as scope:
+            await self.cache.flush()
+        if scope.cancelled_caught:
+            log.warning('gave up writing %d blocks to the SSD tier after %d s; the next mount '
+                        'fetches them again', self.cache.disk_writes_pending, _FLUSH_TIMEOUT)
 
     async def _announce_when_answering(self):
         pid = str(os.getpid()).encode()

@@ -2,6 +2,7 @@
 
 Only the trio thread touches it, so it needs no lock. Blocks are `bytes`, handed out as they are
 (readers slice them with memoryview), so an evicted block stays valid for a reader holding it.
+An evicted block is handed to `on_evict` (the block cache writes blocks not yet on the SSD then).
 """
 
 import logging
@@ -11,8 +12,9 @@ log = logging.getLogger(__name__)
 
 
 class MemoryTier:
-    def __init__(self, capacity_bytes):
+    def __init__(self, capacity_bytes, on_evict=None):
         self.capacity = capacity_bytes
+        self._on_evict = on_evict
         self.used = 0
         self.evictions = 0
         self._blocks = OrderedDict()
@@ -32,9 +34,11 @@ class MemoryTier:
         self._blocks[block_id] = data
         self.used += len(data)
         while self.used > self.capacity:
-            _, evicted = self._blocks.popitem(last=False)
+            evicted_id, evicted = self._blocks.popitem(last=False)
             self.used -= len(evicted)
             self.evictions += 1
+            if self._on_evict is not None:
+                self._on_evict(evicted_id, evicted)
 
     def __contains__(self, block_id):
         return block_id in self._blocks

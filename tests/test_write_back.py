@@ -1,0 +1,88 @@
+"""Unit tests of the SSD tier's deferred writes (the block cache's logic with a real SSD tier in
+a temporary folder and an in-memory store: no mount, no server)."""
+
+import hashlib
+
+import trio
+
+from cachefs.cache.blocks import BlockCache
+from cachefs.cache.disk import DiskTier
+
+BLOCK = 4096
+OBJECT = bytes(range(256)) * (BLOCK * 6 // 256) + b'tail'      # 6 blocks and a short 7th
+BLOCKS = (len(OBJECT) + BLOCK - 1) // BLOCK
+
+
+class MemoryStore:
+    """Serves ranges of one object and counts the requests."""
+
+    def __init__(self):
+        self.reads = 0
+
+    async def read(self, key, etag, offset, length):
+        self.reads += 1
+        await trio.sleep(0)
+        return OBJECT[offset:offset + length]
+
+
+def block_files(tmp_path):
+    return sorted((tmp_path / 'blocks').glob('*/*.blk'))
+
+
+async def read_all(cache):
+    parts = [bytes(await cache.read('key', 'etag', len(OBJECT), offset, BLOCK))
+             for offset in range(0, len(OBJECT), BLOCK)]
+    return b''.join(parts)
+
+
+async def wait_for(condition, seconds=10):
+    with trio.fail_after(seconds):
+        while not condition():
+            await trio.sleep(0.01)
+
+
+def cache_on(tmp_path, store, memory_blocks, idle_after):
+    disk = DiskTier(str(tmp_path), BLOCK, capacity=1 << 30, min_free_ratio=0, eviction='lru')
+    return BlockCache(store, BLOCK, memory_blocks * BLOCK, disk, idle_after=idle_after)
+
+
+async def test_blocks_reach_the_ssd_when_evicted_from_memory_and_at_flush(tmp_path, nursery):
+    store = MemoryStore()
+    cache = cache_on(tmp_path, store, memory_blocks=3, idle_after=3600)   # never idle here
+    await nursery.start(cache.run)
+    assert await read_all(cache) == OBJECT
+    # The 4 blocks evicted from the memory tier go to the SSD; the 3 it holds wait.
+    await wait_for(lambda: len(block_files(tmp_path)) == BLOCKS - 3)
+    assert cache.disk_writes_pending == 3
+    await cache.flush()
+    assert len(block_files(tmp_path)) == BLOCKS and cache.disk_writes_pending == 0
+    # Every block is now served from the SSD tier or memory: no second store read.
+    reads = store.reads
+    assert hashlib.sha256(await read_all(cache)).digest() == hashlib.sha256(OBJECT).digest()
+    assert store.reads == reads
+
+
+async def test_blocks_reach_the_ssd_once_reads_stop(tmp_path, nursery):
+    store = MemoryStore()
+    cache = cache_on(tmp_path, store, memory_blocks=64, idle_after=0.05)
+    await nursery.start(cache.run)
+    assert await read_all(cache) == OBJECT
+    await wait_for(lambda: cache.disk_writes_pending == 0)
+    assert len(block_files(tmp_path)) == BLOCKS
+    # A new cache on the same folder (a remount) serves every block from the SSD.
+    fresh_store = MemoryStore()
+    fresh = cache_on(tmp_path, fresh_store, memory_blocks=64, idle_after=0.05)
+    await nursery.start(fresh.run)
+    assert await read_all(fresh) == OBJECT
+    assert fresh_store.reads == 0 and fresh.counters.disk_hits == BLOCKS
+
+
+async def test_a_block_on_its_way_to_the_ssd_is_served_from_memory(tmp_path, nursery):
+    store = MemoryStore()
+    cache = cache_on(tmp_path, store, memory_blocks=0, idle_after=3600)  # every block evicted
+    # The writers are not started: blocks stay queued, and must still be served.
+    assert await read_all(cache) == OBJECT
+    assert cache.disk_writes_pending == BLOCKS and not block_files(tmp_path)
+    reads = store.reads
+    assert await read_all(cache) == OBJECT
+    assert store.reads == reads
