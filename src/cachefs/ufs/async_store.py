@@ -2,6 +2,9 @@
 
 Every SDK call runs in a worker thread under one `CapacityLimiter`, never on the trio thread
 (pyfuse3 runs all FUSE requests on that one thread: a blocking call there stalls the mount).
+A store may also offer `read_async`, a read native to trio (S3's, `s3_trio`): it runs on the
+trio thread under the same limiter, retries and deadline, and returns None for a read it hands
+back to the threaded `read`.
 Retries use exponential backoff with full jitter and stop once `retry_timeout` would be exceeded.
 
 Each attempt of a read or stat is also bounded as a whole by the store's `request_timeout`. The
@@ -65,7 +68,12 @@ class AsyncStore:
         self.request_timeout = getattr(store, 'request_timeout', None)   # None: no bound
 
     async def read(self, key, etag, offset, length):
-        data = await self._call(self.store.read, key, etag, offset, length)
+        data = None
+        native = getattr(self.store, 'read_async', None)
+        if native is not None:
+            data = await self._call(native, key, etag, offset, length, native=True)
+        if data is None:
+            data = await self._call(self.store.read, key, etag, offset, length)
         self.counters.bytes += len(data)
         return data
 
@@ -77,18 +85,26 @@ class AsyncStore:
         # many pages may rightly take longer than one request, so it has no overall deadline.
         return await self._call(lambda: list(self.store.list_objects()), bounded=False)
 
-    async def _call(self, fn, *args, bounded=True):
+    async def _call(self, fn, *args, bounded=True, native=False):
         budget = RetryBudget(self.retry_timeout)
         timeout = self.request_timeout if bounded else None
         while True:
             self.counters.requests += 1
             self.counters.in_flight += 1
             try:
-                if timeout is None:
+                if native:
+                    with trio.move_on_after(timeout if timeout is not None else float('inf')):
+                        async with self._limiter:
+                            data = await fn(*args)
+                        if data is None:            # handed back: not a request of its own
+                            self.counters.requests -= 1
+                        return data
+                elif timeout is None:
                     return await trio.to_thread.run_sync(fn, *args, limiter=self._limiter)
-                with trio.move_on_after(timeout):
-                    return await trio.to_thread.run_sync(fn, *args, limiter=self._limiter,
-                                                         abandon_on_cancel=True)
+                else:
+                    with trio.move_on_after(timeout):
+                        return await trio.to_thread.run_sync(fn, *args, limiter=self._limiter,
+                                                             abandon_on_cancel=True)
                 raise TransientError(f'{getattr(fn, "__name__", "request")} {args[0]!r}: no '
                                      f'complete answer within the request timeout ({timeout:g}s)')
             except StoreError as exc:

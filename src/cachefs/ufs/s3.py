@@ -18,6 +18,8 @@ from botocore.config import Config
 from .base import ObjectInfo, Store
 from .errors import CredentialsMissing, EndpointUnreachable, StoreError, TransientError
 from .s3_get import RangedGetter, UseSdk, classify
+from .s3_list import Lister
+from .s3_trio import TrioGetter
 
 log = logging.getLogger(__name__)
 
@@ -89,31 +91,66 @@ class S3Store(Store):
         self.client = session.client('s3', endpoint_url=endpoint_url, region_name=region,
                                      config=config)
         self.source = f's3://{bucket}/{prefix}'.rstrip('/')
-        self._getter = self._ranged_getter(None if no_sign_request else session.get_credentials())
+        credentials = None if no_sign_request else session.get_credentials()
+        self._getter = self._lean_path(RangedGetter, credentials, 'object reads', 'get_object')
+        self._lister = self._lean_path(Lister, credentials, 'listings', 'list_objects_v2')
+        self._trio_getter = None
+        if self._getter is not None:
+            why_not = TrioGetter.usable_with(self._getter._http, self._getter._prefix)
+            if why_not is None:
+                self._trio_getter = self._lean_path(TrioGetter, credentials, 'object reads',
+                                                    'worker threads')
+            else:
+                log.info('object reads go through worker threads: %s', why_not)
 
-    def _ranged_getter(self, credentials):
-        """The lean GET path (`s3_get`), or None where this botocore does not allow it."""
+    def _lean_path(self, kind, credentials, what, sdk_call):
+        """A lean request path (`s3_get`, `s3_list`), or None where this botocore does not
+        allow it."""
         http_session = getattr(getattr(self.client, '_endpoint', None), 'http_session', None)
         if http_session is None:
-            log.info('botocore has no client HTTP session to share; every read goes through '
-                     'get_object')
+            log.info('botocore has no client HTTP session to share; %s go through %s', what,
+                     sdk_call)
             return None
         try:
-            return RangedGetter(self.client, self.bucket, credentials, http_session)
+            return kind(self.client, self.bucket, credentials, http_session)
         except (UseSdk, *_SDK_ERRORS) as exc:
-            log.info('object reads go through get_object: %s', exc)
+            log.info('%s go through %s: %s', what, sdk_call, exc)
             return None
 
     def list_objects(self):
-        paginator = self.client.get_paginator('list_objects_v2')
         start = len(self.prefix)
-        try:
-            for page in paginator.paginate(Bucket=self.bucket, Prefix=self.prefix):
-                for item in page.get('Contents', ()):
-                    yield ObjectInfo(item['Key'][start:], item['Size'], item['ETag'].strip('"'),
-                                     int(item['LastModified'].timestamp() * 1e9))
-        except _SDK_ERRORS as exc:
-            raise translate(exc, f'listing {self.source}') from None
+        what = f'listing {self.source}'
+        token = None
+        while True:
+            try:
+                objects, token = self._list_page(token)
+            except StoreError as exc:
+                raise type(exc)(f'{what}: {exc}') from None
+            except _SDK_ERRORS as exc:
+                raise translate(exc, what) from None
+            for key, size, etag, mtime_ns in objects:
+                yield ObjectInfo(key[start:], size, etag, mtime_ns)
+            if token is None:
+                return
+
+    def _list_page(self, token):
+        """(objects as (key, size, etag, mtime_ns), next page's token or None)."""
+        lister = self._lister
+        if lister is not None:
+            try:
+                return lister.page(self.prefix, token)
+            except UseSdk as exc:
+                log.info('listing %s: %s; listings go through list_objects_v2 from now on',
+                         self.source, exc)
+                self._lister = None
+        arguments = {'Bucket': self.bucket, 'Prefix': self.prefix}
+        if token is not None:
+            arguments['ContinuationToken'] = token
+        page = self.client.list_objects_v2(**arguments)
+        objects = [(item['Key'], item['Size'], item['ETag'].strip('"'),
+                    int(item['LastModified'].timestamp() * 1e9))
+                   for item in page.get('Contents', ())]
+        return objects, page.get('NextContinuationToken') if page.get('IsTruncated') else None
 
     def read(self, key, etag, offset, length):
         what = f'reading {self.bucket}/{self.prefix}{key}'
@@ -140,6 +177,22 @@ class S3Store(Store):
         if len(data) != length:
             raise TransientError(f'{what}: got {len(data)} bytes of {length}')
         return data
+
+    async def read_async(self, key, etag, offset, length):
+        """`read` on the trio thread (`s3_trio`); None when this read must go through `read` in
+        a worker thread instead (no trio path, or an answer it does not handle)."""
+        getter = self._trio_getter
+        if getter is None:
+            return None
+        try:
+            return await getter.get(self.prefix + key, etag, offset, length)
+        except StoreError as exc:
+            raise type(exc)(f'reading {self.bucket}/{self.prefix}{key}: {exc}') from None
+        except UseSdk as exc:
+            log.info('reading %s/%s%s: %s; object reads go through worker threads from now on',
+                     self.bucket, self.prefix, key, exc)
+            self._trio_getter = None
+            return None
 
     def stat(self, key):
         try:

@@ -1,5 +1,5 @@
 """Ranged GETs of one object version, signed with botocore's SigV4 signer but sent without
-botocore's per-call machinery.
+botocore's per-call machinery (and, in `s3_list`, listings the same way).
 
 Why: `client.get_object` spends ~4 ms of CPU per call here (parameter handling, endpoint
 rules, event hooks, response parsing) against ~1.7 ms for the same signed GET sent directly
@@ -15,6 +15,7 @@ or another status outside the table below — raises `UseSdk`, and the caller re
 through `client.get_object`, which knows every S3 corner (region redirects, for one).
 """
 
+import logging
 import re
 from urllib.parse import quote, urlsplit, urlunsplit
 
@@ -23,12 +24,15 @@ from botocore.awsrequest import AWSRequest
 
 from .errors import (AccessDenied, BucketNotFound, ObjectChanged, ObjectNotFound, StoreError,
                      TransientError)
+from .s3_sign import FastSigner
+
+log = logging.getLogger(__name__)
 
 _PROBE_KEY = 'cachefs-url-probe'
 _ERROR_CODE = re.compile(rb'<Code>([^<]{1,128})</Code>')
 _ERROR_MESSAGE = re.compile(rb'<Message>([^<]{0,512})</Message>')
 #: statuses whose meaning does not depend on S3's corners; any other one goes to the SDK
-_HANDLED = {200, 206, 403, 404, 412, 429, 500, 502, 503, 504}
+HANDLED = {200, 206, 403, 404, 412, 429, 500, 502, 503, 504}
 
 _NOT_FOUND = {'NoSuchKey', '404', 'NotFound'}
 _DENIED = {'AccessDenied', '403', 'InvalidAccessKeyId', 'SignatureDoesNotMatch', 'ExpiredToken',
@@ -68,14 +72,59 @@ def object_url_prefix(client, bucket):
     return urlunsplit((parts.scheme, parts.netloc, path, '', ''))
 
 
-class RangedGetter:
-    """Signed ranged GETs through the HTTP session of a boto3 S3 client."""
+class LeanRequests:
+    """Signed GETs through the HTTP session of a boto3 S3 client (shared with `s3_list`)."""
 
     def __init__(self, client, bucket, credentials, http_session):
         self._prefix = object_url_prefix(client, bucket)
         self._region = client.meta.region_name or 'us-east-1'
         self._credentials = credentials      # None: unsigned requests (public buckets)
         self._http = http_session
+        self._signer = None                  # botocore's signer, unless ours signs the same
+        if credentials is not None:
+            self._signer = FastSigner.matching(self._prefix, self._region, credentials)
+            if self._signer is None:
+                log.info('object GETs are signed by botocore (its signature differs from '
+                         'cachefs\'s for a probe request)')
+
+    def _url(self, key):
+        # botocore percent-encodes keys with '/' and '~' left as they are; so do we.
+        return self._prefix + quote(key.encode('utf-8', 'surrogateescape'), safe='/~')
+
+    def _signed_headers(self, url, headers):
+        """`headers` and SigV4's for a GET of `url` (unchanged for unsigned requests)."""
+        if self._credentials is None:
+            return headers
+        frozen = self._credentials.get_frozen_credentials()
+        parts = urlsplit(url)
+        if self._signer is not None and not parts.query:
+            return self._signer.sign(parts.path, headers, frozen)
+        request = AWSRequest(method='GET', url=url, headers=headers)
+        S3SigV4Auth(frozen, 's3', self._region).add_auth(request)
+        return dict(request.headers.items())
+
+    def _prepare(self, url, headers):
+        """The signed GET, prepared (URL and headers final)."""
+        return AWSRequest(method='GET', url=url,
+                          headers=self._signed_headers(url, headers)).prepare()
+
+    def _send(self, url, headers):
+        """Sign and send one GET; the caller reads `response.raw` and releases it."""
+        prepared = self._prepare(url, headers)
+        prepared.stream_output = True
+        return self._http.send(prepared)
+
+    @staticmethod
+    def _error(status, body):
+        code = _ERROR_CODE.search(body)
+        message = _ERROR_MESSAGE.search(body)
+        code = code.group(1).decode('ascii', 'replace') if code else ''
+        message = message.group(1).decode('utf-8', 'replace') if message else ''
+        raise classify(code, status, f'{code or status} {message}'.rstrip())
+
+
+class RangedGetter(LeanRequests):
+    """Signed ranged GETs of object versions."""
 
     def get(self, key, etag, offset, length):
         """Exactly `length` bytes of `key` from `offset`, only if its ETag is still `etag`.
@@ -83,20 +132,12 @@ class RangedGetter:
         Raises `StoreError` subclasses for the store's answers and `UseSdk` for what this path
         does not handle; connection errors come up as botocore/urllib3 exceptions.
         """
-        # botocore percent-encodes keys with '/' and '~' left as they are; so do we.
-        url = self._prefix + quote(key.encode('utf-8', 'surrogateescape'), safe='/~')
-        request = AWSRequest(method='GET', url=url, headers={
-            'Range': f'bytes={offset}-{offset + length - 1}', 'If-Match': f'"{etag}"'})
-        if self._credentials is not None:
-            S3SigV4Auth(self._credentials.get_frozen_credentials(), 's3',
-                        self._region).add_auth(request)
-        prepared = request.prepare()
-        prepared.stream_output = True
-        response = self._http.send(prepared)
+        response = self._send(self._url(key), {'Range': f'bytes={offset}-{offset + length - 1}',
+                                    'If-Match': f'"{etag}"'})
         body = response.raw
         try:
             status = response.status_code
-            if status not in _HANDLED:
+            if status not in HANDLED:
                 raise UseSdk(f'HTTP {status}')
             if status in (200, 206):
                 data = body.read()
@@ -108,11 +149,3 @@ class RangedGetter:
             return self._error(status, body.read(65536))
         finally:
             body.release_conn()
-
-    @staticmethod
-    def _error(status, body):
-        code = _ERROR_CODE.search(body)
-        message = _ERROR_MESSAGE.search(body)
-        code = code.group(1).decode('ascii', 'replace') if code else ''
-        message = message.group(1).decode('utf-8', 'replace') if message else ''
-        raise classify(code, status, f'{code or status} {message}'.rstrip())
