@@ -1,5 +1,6 @@
 """`python bench/get_cost.py`: CPU and wall time of one ranged GET, botocore's `get_object`
-against the lean path cachefs reads objects with (`cachefs.ufs.s3_get`), in the same run.
+against the lean paths cachefs reads objects with (`cachefs.ufs.s3_get` in worker threads,
+`cachefs.ufs.s3_trio` on the trio thread), in the same run.
 
 Why it matters: a first epoch over small files is one GET per file, made by the daemon's Python
 threads, so the CPU of one GET bounds files/s on a small machine. Each round reads every object
@@ -23,11 +24,11 @@ from bench import datasets, host, report  # noqa: E402
 from bench.store import Store  # noqa: E402
 
 
-def measure(read, objects):
+def measure(read_all, objects):
     """(CPU ms per GET of this process, wall ms per GET) for reading every object once."""
     cpu, wall = time.process_time(), time.perf_counter()
-    for obj in objects:
-        if len(read(obj)) != obj.size:
+    for obj, data in zip(objects, read_all(objects)):
+        if len(data) != obj.size:
             raise SystemExit(f'{obj.key}: short read')
     count = len(objects)
     return (time.process_time() - cpu) * 1e3 / count, (time.perf_counter() - wall) * 1e3 / count
@@ -42,6 +43,7 @@ def main(argv=None):
     parser.add_argument('--write-results', action='store_true')
     options = parser.parse_args(argv)
     host.install_exit_handlers()
+    import trio
     from cachefs.ufs.s3 import S3Store
 
     store = Store(options.workdir)
@@ -58,34 +60,46 @@ def main(argv=None):
 
         def reads_with(getter):
             """`S3Store.read` itself, on the lean path or (getter None) on its get_object path."""
-            def read(obj):
+            def read_all(chosen):
                 s3._getter = getter
-                return s3.read(obj.key, obj.etag, 0, obj.size)
-            return read
+                return [s3.read(obj.key, obj.etag, 0, obj.size) for obj in chosen]
+            return read_all
 
-        lean, sdk = reads_with(lean_getter), reads_with(None)
-        measure(lean, objects[:50])      # warm both connection pools
-        measure(sdk, objects[:50])
-        samples = {'get_object': [], 'lean': []}
+        def trio_reads(chosen):
+            """`S3Store.read_async`, one at a time on a trio loop (connections pooled)."""
+            async def read_all():
+                return [await s3.read_async(obj.key, obj.etag, 0, obj.size) for obj in chosen]
+            return trio.run(read_all)
+
+        paths = {'get_object': reads_with(None), 'lean': reads_with(lean_getter)}
+        if s3._trio_getter is not None:
+            paths['trio'] = trio_reads
+        for read_all in paths.values():
+            measure(read_all, objects[:50])      # warm the connection pools
+        samples = {name: [] for name in paths}
         for round_ in range(options.rounds):
-            order = [('get_object', sdk), ('lean', lean)]
-            for name, read in order if round_ % 2 == 0 else reversed(order):
-                samples[name].append(measure(read, objects))
+            order = list(paths.items())
+            for name, read_all in order if round_ % 2 == 0 else reversed(order):
+                samples[name].append(measure(read_all, objects))
     finally:
         store.stop()
         host.cleanup()
 
     rows = []
     for name, label in (('get_object', 'boto3 `client.get_object`'),
-                        ('lean', 'cachefs lean path (`ufs/s3_get.py`)')):
+                        ('lean', 'cachefs lean path, as worker threads call it (`ufs/s3_get.py`)'),
+                        ('trio', 'cachefs lean path on the trio thread (`ufs/s3_trio.py`)')):
+        if name not in samples:
+            continue
         cpu = statistics.median(c for c, _ in samples[name])
         wall = statistics.median(w for _, w in samples[name])
         rows.append([label, f'{cpu:.2f}', f'{wall:.2f}'])
-    cpu_ratio = (statistics.median(c for c, _ in samples['get_object'])
-                 / statistics.median(c for c, _ in samples['lean']))
+    sdk_cpu = statistics.median(c for c, _ in samples['get_object'])
+    ratios = ', '.join(f'{name} {sdk_cpu / statistics.median(c for c, _ in samples[name]):.1f}x'
+                       for name in samples if name != 'get_object')
     table = report.markdown_table(['GET path', 'CPU ms per GET', 'wall ms per GET (1 at a time)'],
                                   rows)
-    text = (f'{table}\n\nThe lean path costs {cpu_ratio:.1f}x less CPU per GET. Objects: '
+    text = (f'{table}\n\nLess CPU per GET than `get_object`: {ratios}. Objects: '
             f'{len(objects)} files of {part.describe()}, read whole with a Range and If-Match '
             f'header, one at a time; medians of {options.rounds} rounds.')
     print(text)
