@@ -87,12 +87,17 @@ def test_block_of_another_object_version_or_index_is_refused(block, other):
 
 
 def test_files_are_private_and_interrupted_writes_are_cleaned_by_the_scan(block, tmp_path):
+    """The start-up scan removes another process's leftovers, never a write of its own that is
+    under way (the mount serves, and writes, while the scan runs)."""
     path, _ = block
     assert path.stat().st_mode & 0o777 == 0o600
-    (path.parent / 'x.blk.tmp123-456').write_bytes(b'half')
+    pid = 1 if os.getpid() != 1 else 2
+    (path.parent / f'x.blk.tmp{pid}-456').write_bytes(b'half')
+    ours = path.parent / f'y.blk.tmp{os.getpid()}-789'
+    ours.write_bytes(b'being written')
     found = scan(str(tmp_path))
     assert [name for name, _, _ in found] == ['ab/block.blk']
-    assert not list(path.parent.glob('*.tmp*'))
+    assert list(path.parent.glob('*.tmp*')) == [ours]
 
 
 def make_tier(tmp_path, eviction, capacity=10):

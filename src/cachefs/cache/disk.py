@@ -257,7 +257,9 @@ def write_block_file(path, block_id, data):
 
 def scan(blocks_dir):
     """List the block files on disk (name, size, mtime), deleting leftovers of interrupted
-    writes. Runs in a worker thread at start, while the mount already serves."""
+    writes. Runs in a worker thread at start, while the mount already serves: the temporary
+    files of this process's own writes, under way meanwhile, are left alone."""
+    ours = f'.tmp{os.getpid()}-'
     found = []
     try:
         subdirs = list(os.scandir(blocks_dir))
@@ -273,7 +275,7 @@ def scan(blocks_dir):
                 except FileNotFoundError:
                     continue
                 found.append((subdir.name + '/' + entry.name, st.st_size, st.st_mtime))
-            elif '.tmp' in entry.name:
+            elif '.tmp' in entry.name and ours not in entry.name:
                 try:
                     os.unlink(entry.path)
                 except OSError:

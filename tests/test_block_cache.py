@@ -1,10 +1,14 @@
-"""Unit tests of the SSD tier's deferred writes (the block cache's logic with a real SSD tier in
-a temporary folder and an in-memory store: no mount, no server)."""
+"""Unit tests of the block cache's SSD logic (a real SSD tier in a temporary folder and an
+in-memory store: no mount, no server): deferred writes, and small SSD reads on the trio thread
+while they are fast."""
 
 import hashlib
+import threading
+import time
 
 import trio
 
+from cachefs.cache import blocks
 from cachefs.cache.blocks import BlockCache
 from cachefs.cache.disk import DiskTier
 
@@ -86,3 +90,28 @@ async def test_a_block_on_its_way_to_the_ssd_is_served_from_memory(tmp_path, nur
     reads = store.reads
     assert await read_all(cache) == OBJECT
     assert store.reads == reads
+
+
+async def test_small_ssd_reads_leave_the_trio_thread_after_a_slow_one(tmp_path, nursery,
+                                                                      monkeypatch):
+    store = MemoryStore()
+    cache = cache_on(tmp_path, store, memory_blocks=64, idle_after=3600)
+    await nursery.start(cache.run)
+    assert await read_all(cache) == OBJECT
+    await cache.flush()
+    fresh = cache_on(tmp_path, MemoryStore(), memory_blocks=64, idle_after=3600)
+    fresh._nowait_works = False            # as if none of the files were in the page cache
+    await nursery.start(fresh.run)
+    await wait_for(lambda: fresh.disk.index_ready)
+    on_trio_thread = []
+    read_block_file = blocks.read_block_file
+
+    def observed_read(*args):
+        on_trio_thread.append(threading.current_thread() is threading.main_thread())
+        if len(on_trio_thread) == 2:
+            time.sleep(0.06)                # the second read stalls
+        return read_block_file(*args)
+    monkeypatch.setattr(blocks, 'read_block_file', observed_read)
+    assert await read_all(fresh) == OBJECT
+    assert on_trio_thread == [True, True] + [False] * (BLOCKS - 2)
+    assert fresh.counters.disk_hits == BLOCKS
