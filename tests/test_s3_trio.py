@@ -10,7 +10,7 @@ import socket
 import pytest
 
 from cachefs.ufs.errors import (AccessDenied, EndpointUnreachable, ObjectChanged,
-                                ObjectNotFound)
+                                ObjectNotFound, TransientError)
 from cachefs.ufs.s3 import S3Store
 
 from conftest import S3_BUCKET
@@ -119,3 +119,26 @@ def test_a_client_behind_a_proxy_keeps_the_threaded_path(seaweed, s3_env, monkey
     monkeypatch.delenv('no_proxy', raising=False)
     store = open_store(seaweed.endpoint)
     assert store._getter is not None and store._trio_getter is None
+
+
+@pytest.mark.parametrize('path', ['trio', 'threads'])
+async def test_an_answer_for_another_range_of_the_same_length_is_refused(seaweed, s3_env,
+                                                                         monkeypatch, path):
+    """A store (or a cache in between) that answers 206 for another range than the one asked,
+    with the right length, would hand over the wrong bytes: both read paths check
+    Content-Range and fail the attempt instead (it is retried, then EIO)."""
+    store = open_store(seaweed.endpoint)
+    obj = next(o for o in store.list_objects() if o.size > 100)
+    getter = store._trio_getter if path == 'trio' else store._getter
+    method = '_signed' if path == 'trio' else '_send'
+    original = getattr(getter, method)
+
+    def shifted(key_or_url, headers):
+        headers = dict(headers, Range='bytes=1-10')       # the store answers another range
+        return original(key_or_url, headers)
+    monkeypatch.setattr(getter, method, shifted)
+    with pytest.raises(TransientError, match='Content-Range'):
+        if path == 'trio':
+            await store.read_async(obj.key, obj.etag, 0, 10)
+        else:
+            store.read(obj.key, obj.etag, 0, 10)

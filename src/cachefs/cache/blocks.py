@@ -212,7 +212,9 @@ class BlockCache:
             else:
                 self.counters.memory_hits += 1
             return memoryview(prefetched.data)[start:start + length]
-        data = self._write_queue.get(block_id) or self._writing.get(block_id)
+        data = self._write_queue.get(block_id)
+        if data is None:
+            data = self._writing.get(block_id)
         if data is not None:
             self.counters.memory_hits += 1
             return memoryview(data)[start:start + length]

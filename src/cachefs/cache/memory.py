@@ -1,7 +1,8 @@
 """The memory tier: a byte-bounded LRU of immutable blocks.
 
-Only the trio thread touches it, so it needs no lock. Blocks are `bytes`, handed out as they are
-(readers slice them with memoryview), so an evicted block stays valid for a reader holding it.
+Only the trio thread touches it, so it needs no lock. Blocks are bytes-like objects nobody
+modifies (`bytes`, or the `bytearray` a store read filled), handed out as they are (readers slice
+them with memoryview), so an evicted block stays valid for a reader holding it.
 An evicted block is handed to `on_evict` (the block cache writes blocks not yet on the SSD then).
 """
 

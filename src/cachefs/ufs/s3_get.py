@@ -42,6 +42,14 @@ _TRANSIENT = {'SlowDown', 'Throttling', 'ThrottlingException', 'RequestTimeout',
               'ServiceUnavailable', 'RequestTimeTooSkewed', '500', '502', '503', '504'}
 
 
+def check_content_range(value, offset, length):
+    """A 206 answer must be for exactly the range asked: a store (or a cache in between) that
+    answers another range would otherwise hand us the wrong bytes with the right length."""
+    expected = f'bytes {offset}-{offset + length - 1}/'
+    if value is None or not value.startswith(expected):
+        raise TransientError(f'asked for {expected[6:-1]}, got Content-Range {value!r}')
+
+
 def classify(code, status, message):
     """The `StoreError` for an S3 error answer: its error code, else its HTTP status."""
     if code == 'NoSuchBucket':
@@ -145,6 +153,8 @@ class RangedGetter(LeanRequests):
                     raise TransientError(f'got {len(data)} bytes of {length}')
                 if status == 200 and offset != 0:
                     raise TransientError('the store ignored the Range header')
+                if status == 206:
+                    check_content_range(response.headers.get('Content-Range'), offset, length)
                 return data
             return self._error(status, body.read(65536))
         finally:

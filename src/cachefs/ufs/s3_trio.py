@@ -24,7 +24,7 @@ from botocore.auth import _host_from_url
 from botocore.httpsession import get_cert_path
 
 from .errors import EndpointUnreachable, TransientError
-from .s3_get import HANDLED, LeanRequests, UseSdk
+from .s3_get import HANDLED, LeanRequests, UseSdk, check_content_range
 
 _MAX_HEAD = 64 * 1024         # bytes of status line and headers
 _MAX_ERROR_BODY = 64 * 1024   # an error answer's XML is far smaller
@@ -167,6 +167,8 @@ class TrioGetter(LeanRequests):
                 return self._error(status, await self._error_body(connection, headers))
             if status == 200 and offset != 0:
                 raise TransientError('the store ignored the Range header')
+            if status == 206:
+                check_content_range(headers.get('content-range'), offset, length)
             size = headers.get('content-length')
             if 'chunked' in headers.get('transfer-encoding', '').lower() or size is None:
                 raise UseSdk('a success answer without a Content-Length')
