@@ -121,6 +121,15 @@ def s3_source(seaweed, s3_proxy, edge_tree):
                   env, manifest, root, s3_proxy.count)
 
 
+@pytest.fixture
+def s3_env(s3_source, monkeypatch):
+    """The S3 source, with its credentials in this process's environment (for tests that open
+    an `S3Store` in-process rather than mount)."""
+    for name, value in s3_source.env.items():
+        monkeypatch.setenv(name, value)
+    return s3_source
+
+
 @pytest.fixture(scope='session')
 def oss_server(tmp_path_factory):
     server = OssServer(str(tmp_path_factory.mktemp('oss')), {OSS_KEY_ID: OSS_SECRET})

@@ -15,13 +15,6 @@ from cachefs.ufs.s3_list import parse_page
 from conftest import S3_BUCKET
 
 
-@pytest.fixture
-def s3_env(s3_source, monkeypatch):
-    for name, value in s3_source.env.items():
-        monkeypatch.setenv(name, value)
-    return s3_source
-
-
 def open_store(seaweed, prefix='data/'):
     return S3Store(S3_BUCKET, prefix, endpoint_url=seaweed.endpoint)
 

@@ -17,13 +17,6 @@ from conftest import S3_BUCKET
 from support.tls_relay import TlsRelay, make_certificate
 
 
-@pytest.fixture
-def s3_env(s3_source, monkeypatch):
-    for name, value in s3_source.env.items():
-        monkeypatch.setenv(name, value)
-    return s3_source
-
-
 def open_store(endpoint, prefix='data/'):
     return S3Store(S3_BUCKET, prefix, endpoint_url=endpoint)
 
