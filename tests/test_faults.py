@@ -22,7 +22,7 @@ import pytest
 from cachefs.cache.blocks import FAILURE_MEMORY_SECONDS
 
 from conftest import (BLOCK_SIZE, Mounter, Source, clean_env, drop_page_cache, pid_alive,
-                      write_tree)
+                      wait_until, write_tree)
 from support.faults import (FAULT_OPTIONS, KINDS, READ_BOUND, REQUEST_TIMEOUT, RETRY_TIMEOUT,
                             Always, ByName, FaultProxy, FirstTry, SeededMix, call_within)
 
@@ -153,8 +153,12 @@ def test_every_kind_of_persistent_fault_fails_the_read_with_eio_in_bounded_time(
     assert pid_alive(mounted.pid)
 
     # the store recovers: a failure is remembered for a moment only (so that the kernel's
-    # immediate second request for the same pages fails at once); then every byte comes back
+    # immediate second request for the same pages fails at once); then every byte comes back.
+    # Prefetches started before the heal may still be in their retry loops (the readers gave
+    # up at the first EIO): their last failure starts its own moment, so wait for them first.
     proxy.heal()
+    assert wait_until(lambda: mounted.stats()['store_in_flight'] == 0,
+                      timeout=RETRY_TIMEOUT + REQUEST_TIMEOUT + 5)
     time.sleep(FAILURE_MEMORY_SECONDS + 0.2)
     for kind, (data, error, _) in read_all_kinds(mounted, 'always').items():
         assert error is None, (kind, error)

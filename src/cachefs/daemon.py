@@ -198,6 +198,7 @@ class Daemon:
             'store_bytes': store.bytes,
             'store_retries': store.retries,
             'store_errors': store.errors,
+            'store_in_flight': store.in_flight,
             'hits': cache.memory_hits + cache.disk_hits,
             'memory_hits': cache.memory_hits,
             'disk_hits': cache.disk_hits,

@@ -49,6 +49,8 @@ GAUGES = (
     ('cachefs_listed_at_seconds', 'listed_at', 'Unix time of the listing in use.'),
     ('cachefs_uptime_seconds', 'uptime_s', 'Seconds since the daemon started.'),
     ('cachefs_memory_blocks', 'memory_blocks', 'Blocks held by the memory tier.'),
+    ('cachefs_store_requests_in_flight', 'store_in_flight',
+     'Store calls under way, waits between retries included.'),
     ('cachefs_disk_writes_pending', 'disk_writes_pending',
      'Blocks not yet on the SSD tier (held in memory, queued or being written).'),
     ('cachefs_disk_index_ready', 'disk_index_ready',

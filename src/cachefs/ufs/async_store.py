@@ -86,19 +86,30 @@ class AsyncStore:
         return await self._call(lambda: list(self.store.list_objects()), bounded=False)
 
     async def _call(self, fn, *args, bounded=True, native=False):
+        """`fn(*args)` with retries; `in_flight` counts the calls under way, backoffs included."""
+        self.counters.in_flight += 1
+        try:
+            return await self._attempts(fn, args, bounded, native)
+        finally:
+            self.counters.in_flight -= 1
+
+    async def _attempts(self, fn, args, bounded, native):
         budget = RetryBudget(self.retry_timeout)
         timeout = self.request_timeout if bounded else None
         while True:
             self.counters.requests += 1
-            self.counters.in_flight += 1
             try:
                 if native:
-                    with trio.move_on_after(timeout if timeout is not None else float('inf')):
-                        async with self._limiter:
+                    # The deadline starts once the request has its slot: waiting behind other
+                    # requests (stalled ones hold theirs up to their own deadline) is not the
+                    # store being slow, and must not use up this request's time.
+                    async with self._limiter:
+                        with trio.move_on_after(timeout if timeout is not None else
+                                                float('inf')):
                             data = await fn(*args)
-                        if data is None:            # handed back: not a request of its own
-                            self.counters.requests -= 1
-                        return data
+                            if data is None:        # handed back: not a request of its own
+                                self.counters.requests -= 1
+                            return data
                 elif timeout is None:
                     return await trio.to_thread.run_sync(fn, *args, limiter=self._limiter)
                 else:
@@ -115,8 +126,6 @@ class AsyncStore:
                 self.counters.retries += 1
                 log.info('retrying %s after %s (in %.2fs)', getattr(fn, '__name__', 'request'), exc, delay)
                 await trio.sleep(delay)
-            finally:
-                self.counters.in_flight -= 1
 
 
 def call_with_retries(fn, *args, retry_timeout=60.0):
