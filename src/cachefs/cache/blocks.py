@@ -212,9 +212,7 @@ class BlockCache:
             else:
                 self.counters.memory_hits += 1
             return memoryview(prefetched.data)[start:start + length]
-        data = self._write_queue.get(block_id)
-        if data is None:
-            data = self._writing.get(block_id)
+        data = self._on_its_way_to_disk(block_id)
         if data is not None:
             self.counters.memory_hits += 1
             return memoryview(data)[start:start + length]
@@ -357,7 +355,7 @@ class BlockCache:
         for index in range(blocks):
             block_id = (key, etag, index)
             if block_id in self.memory or block_id in self._prefetched or \
-                    block_id in self._write_queue:
+                    self._on_its_way_to_disk(block_id) is not None:
                 held += 1
             elif self.disk is not None:
                 name = self.disk.name(block_id)
@@ -377,6 +375,11 @@ class BlockCache:
     def _queue_for_disk(self, block_id, data):
         self._write_queue[block_id] = data
         self._writers.unpark()
+
+    def _on_its_way_to_disk(self, block_id):
+        """The data of a block queued for the SSD or being written, else None."""
+        data = self._write_queue.get(block_id)
+        return data if data is not None else self._writing.get(block_id)
 
     def _held_in_memory(self, block_id):
         data = self.memory.get(block_id)
@@ -469,8 +472,8 @@ class BlockCache:
         for index in range(first, min(first + stream.window, last_block + 1)):
             block_id = (key, etag, index)
             if block_id in self._pending or block_id in self.memory or \
-                    block_id in self._prefetched or block_id in self._write_queue or \
-                    block_id in self._writing:
+                    block_id in self._prefetched or \
+                    self._on_its_way_to_disk(block_id) is not None:
                 continue
             length = min(block_size, file_size - index * block_size)
             if not self._room_for_prefetch(length):

@@ -152,8 +152,11 @@ class S3Store(Store):
                    for item in page.get('Contents', ())]
         return objects, page.get('NextContinuationToken') if page.get('IsTruncated') else None
 
+    def _reading(self, key):
+        return f'reading {self.bucket}/{self.prefix}{key}'
+
     def read(self, key, etag, offset, length):
-        what = f'reading {self.bucket}/{self.prefix}{key}'
+        what = self._reading(key)
         getter = self._getter
         if getter is not None:
             try:
@@ -187,10 +190,10 @@ class S3Store(Store):
         try:
             return await getter.get(self.prefix + key, etag, offset, length)
         except StoreError as exc:
-            raise type(exc)(f'reading {self.bucket}/{self.prefix}{key}: {exc}') from None
+            raise type(exc)(f'{self._reading(key)}: {exc}') from None
         except UseSdk as exc:
-            log.info('reading %s/%s%s: %s; object reads go through worker threads from now on',
-                     self.bucket, self.prefix, key, exc)
+            log.info('%s: %s; object reads go through worker threads from now on',
+                     self._reading(key), exc)
             self._trio_getter = None
             return None
 

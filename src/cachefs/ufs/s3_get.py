@@ -42,12 +42,22 @@ _TRANSIENT = {'SlowDown', 'Throttling', 'ThrottlingException', 'RequestTimeout',
               'ServiceUnavailable', 'RequestTimeTooSkewed', '500', '502', '503', '504'}
 
 
-def check_content_range(value, offset, length):
-    """A 206 answer must be for exactly the range asked: a store (or a cache in between) that
-    answers another range would otherwise hand us the wrong bytes with the right length."""
-    expected = f'bytes {offset}-{offset + length - 1}/'
-    if value is None or not value.startswith(expected):
-        raise TransientError(f'asked for {expected[6:-1]}, got Content-Range {value!r}')
+def range_headers(etag, offset, length):
+    """The headers of a ranged GET of one object version."""
+    return {'Range': f'bytes={offset}-{offset + length - 1}', 'If-Match': f'"{etag}"'}
+
+
+def check_ranged_answer(status, content_range, offset, length):
+    """A success answer must be for exactly the range asked: a store (or a cache in between)
+    that ignored the Range header, or answered another range, would otherwise hand us the wrong
+    bytes with the right length."""
+    if status == 200 and offset != 0:
+        raise TransientError('the store ignored the Range header')
+    if status == 206:
+        expected = f'bytes {offset}-{offset + length - 1}/'
+        if content_range is None or not content_range.startswith(expected):
+            raise TransientError(f'asked for {expected[6:-1]}, got Content-Range '
+                                 f'{content_range!r}')
 
 
 def classify(code, status, message):
@@ -140,8 +150,7 @@ class RangedGetter(LeanRequests):
         Raises `StoreError` subclasses for the store's answers and `UseSdk` for what this path
         does not handle; connection errors come up as botocore/urllib3 exceptions.
         """
-        response = self._send(self._url(key), {'Range': f'bytes={offset}-{offset + length - 1}',
-                                    'If-Match': f'"{etag}"'})
+        response = self._send(self._url(key), range_headers(etag, offset, length))
         body = response.raw
         try:
             status = response.status_code
@@ -151,10 +160,8 @@ class RangedGetter(LeanRequests):
                 data = body.read()
                 if len(data) != length:
                     raise TransientError(f'got {len(data)} bytes of {length}')
-                if status == 200 and offset != 0:
-                    raise TransientError('the store ignored the Range header')
-                if status == 206:
-                    check_content_range(response.headers.get('Content-Range'), offset, length)
+                check_ranged_answer(status, response.headers.get('Content-Range'), offset,
+                                    length)
                 return data
             return self._error(status, body.read(65536))
         finally:

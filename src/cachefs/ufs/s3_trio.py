@@ -24,7 +24,7 @@ from botocore.auth import _host_from_url
 from botocore.httpsession import get_cert_path
 
 from .errors import EndpointUnreachable, TransientError
-from .s3_get import HANDLED, LeanRequests, UseSdk, check_content_range
+from .s3_get import HANDLED, LeanRequests, UseSdk, check_ranged_answer, range_headers
 
 _MAX_HEAD = 64 * 1024         # bytes of status line and headers
 _MAX_ERROR_BODY = 64 * 1024   # an error answer's XML is far smaller
@@ -143,8 +143,7 @@ class TrioGetter(LeanRequests):
         Raises `StoreError` subclasses for the store's answers and broken connections, and
         `UseSdk` for what this path does not handle.
         """
-        request = self._signed(key, {'Range': f'bytes={offset}-{offset + length - 1}',
-                                     'If-Match': f'"{etag}"'})
+        request = self._signed(key, range_headers(etag, offset, length))
         connection, reused = await self._connection()
         keep = False
         try:
@@ -165,10 +164,7 @@ class TrioGetter(LeanRequests):
                 raise UseSdk(f'HTTP {status}')
             if status not in (200, 206):
                 return self._error(status, await self._error_body(connection, headers))
-            if status == 200 and offset != 0:
-                raise TransientError('the store ignored the Range header')
-            if status == 206:
-                check_content_range(headers.get('content-range'), offset, length)
+            check_ranged_answer(status, headers.get('content-range'), offset, length)
             size = headers.get('content-length')
             if 'chunked' in headers.get('transfer-encoding', '').lower() or size is None:
                 raise UseSdk('a success answer without a Content-Length')
