@@ -1,37 +1,73 @@
 """A local folder as a store: the embedded default for demos and tests, and NFS/Lustre mounts.
 
-The ETag is derived from inode, mtime and size, so a file rewritten in place gets a new version
-and its old cached blocks are never served for it. Reads check the version before and after
-reading, so a file changed during a read fails with `ObjectChanged` instead of mixing bytes.
+Versions. The ETag is derived from inode, size, mtime and ctime, so a file rewritten in place gets
+a new version and its old cached blocks are never served for it: even when the writer restores
+the mtime (`os.utime`, `touch -r`, `rsync -t`), the ctime changes, and no user can set it back.
+Reads check the version before and after reading, so a file changed since it was listed, or during
+a read, fails with `ObjectChanged` (EIO) instead of mixing bytes of two versions.
+
+Symbolic links. A link whose target stays inside the source folder is served as its target. A link
+that leads outside it is skipped at listing (logged once per listing, with a count): otherwise a
+daemon run as root with `--allow-other` would serve any file that a user can link into the source
+(`ln -s /etc/shadow`). The same holds at read time, whatever was swapped in after the listing (a
+file replaced by such a link, a folder by a link to `/`): every read checks, on the file it has
+opened, that the real path of that file is inside the source folder.
+
+Known limits: a hard link is the file itself, wherever it was made, so a hard link to a file
+outside the source is served (the kernel's `fs.protected_hardlinks`, on by default, keeps users
+from hard-linking files they cannot read); and a bind mount inside the source folder is served,
+as a deliberate choice of whoever mounted it.
 """
 
 import errno
 import logging
 import os
 import stat
+from collections import Counter
 
 from .base import ObjectInfo, Store
 from .errors import AccessDenied, BucketNotFound, ObjectChanged, ObjectNotFound, StoreError
 
 log = logging.getLogger(__name__)
 
+# A FIFO swapped in for a listed file must not block the open (and a thread) forever.
+_OPEN_FLAGS = os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY
+_PROC_FD = '/proc/self/fd'
+
 
 def _etag(st):
+    return f'{st.st_ino:x}-{st.st_mtime_ns:x}-{st.st_size:x}-{st.st_ctime_ns:x}'
+
+
+def _legacy_etag(st):
+    # The form before ctime was part of the version; a listing saved by an older cachefs carries
+    # it, and is honoured (with that version's weaker check) until the next listing replaces it.
     return f'{st.st_ino:x}-{st.st_mtime_ns:x}-{st.st_size:x}'
+
+
+def _version(st, etag):
+    return _legacy_etag(st) if etag.count('-') == 2 else _etag(st)
 
 
 def _translate(exc, what):
     if exc.errno == errno.ENOENT:
-        return ObjectNotFound(f'{what}: not found')
+        return ObjectNotFound(f'{what!r}: not found')
     if exc.errno in (errno.EACCES, errno.EPERM):
-        return AccessDenied(f'{what}: permission denied')
-    return StoreError(f'{what}: {os.strerror(exc.errno or errno.EIO)}')
+        return AccessDenied(f'{what!r}: permission denied')
+    return StoreError(f'{what!r}: {os.strerror(exc.errno or errno.EIO)}')
+
+
+def _is_inside(path, root):
+    """Whether the real path `path` is `root` or under it (both already resolved)."""
+    return path == root or path.startswith(root.rstrip('/') + '/')
 
 
 class LocalStore(Store):
     def __init__(self, root):
         self.root = os.path.abspath(root)
         self.source = 'file://' + self.root
+        # The boundary links may not cross; the root itself may well be a link (/data -> /nfs/data).
+        self.real_root = os.path.realpath(self.root)
 
     def _path(self, key):
         return os.path.join(self.root, key)
@@ -41,9 +77,14 @@ class LocalStore(Store):
             st = os.stat(self.root)
         except OSError as exc:
             raise _translate(exc, self.root) from None
-        yield from self._walk(self.root, '', frozenset({(st.st_dev, st.st_ino)}))
+        self.real_root = os.path.realpath(self.root)
+        outside = Counter()
+        yield from self._walk(self.root, '', frozenset({(st.st_dev, st.st_ino)}), outside)
+        if outside:
+            log.warning('skipped %d link(s) that lead outside the source folder %r, e.g. %r',
+                        sum(outside.values()), self.real_root, next(iter(outside)))
 
-    def _walk(self, folder, key_prefix, ancestors):
+    def _walk(self, folder, key_prefix, ancestors, outside):
         # `ancestors`: the (device, inode) of every folder on the way here, so that a link back
         # to one of them (`ln -s .. loop`) is skipped instead of walked 40 levels deep (and
         # 2**40 times with two such links).
@@ -56,47 +97,85 @@ class LocalStore(Store):
         for entry in entries:
             key = key_prefix + entry.name
             try:
+                if entry.is_symlink() and not _is_inside(os.path.realpath(entry.path),
+                                                         self.real_root):
+                    outside[entry.path] += 1
+                    continue
                 st = entry.stat(follow_symlinks=True)
             except OSError:
-                log.warning('skipping %s: cannot stat it (dangling link?)', entry.path)
+                log.warning('skipping %r: cannot stat it (dangling link?)', entry.path)
                 continue
             if stat.S_ISDIR(st.st_mode):
                 identity = (st.st_dev, st.st_ino)
                 if identity in ancestors:
-                    log.warning('skipping %s: a link back to a folder that contains it',
+                    log.warning('skipping %r: a link back to a folder that contains it',
                                 entry.path)
                     continue
-                yield from self._walk(entry.path, key + '/', ancestors | {identity})
+                yield from self._walk(entry.path, key + '/', ancestors | {identity}, outside)
             elif stat.S_ISREG(st.st_mode):
                 yield ObjectInfo(key, st.st_size, _etag(st), st.st_mtime_ns)
 
-    def read(self, key, etag, offset, length):
-        path = self._path(key)
+    def _open(self, key):
+        """An fd on the regular file `key`, only if it really lies inside the source folder."""
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            fd = os.open(self._path(key), _OPEN_FLAGS)
         except OSError as exc:
             raise _translate(exc, key) from None
         try:
-            if _etag(os.fstat(fd)) != etag:
-                raise ObjectChanged(f'{key}: changed since it was listed')
+            # Checked on the open file itself, so a link swapped in between this check and the
+            # read changes nothing: this fd is the file that will be read.
+            if not _is_inside(self._real_path(fd, key), self.real_root):
+                log.warning('refusing %r: it now leads outside the source folder %r', key,
+                            self.real_root)
+                raise ObjectChanged(f'{key!r}: now leads outside the source folder')
+            return fd
+        except BaseException:
+            os.close(fd)
+            raise
+
+    def _real_path(self, fd, key):
+        try:
+            # A deleted file reads as '/path (deleted)': inside or not, the version check fails.
+            return os.readlink(f'{_PROC_FD}/{fd}')
+        except OSError:
+            pass
+        # No /proc: resolve the path, and make sure that what it names now is the open file
+        # (if a link was swapped since the open, the two differ and the read is refused).
+        real = os.path.realpath(self._path(key))
+        try:
+            if os.path.samestat(os.stat(real), os.fstat(fd)):
+                return real
+        except OSError:
+            pass
+        return ''
+
+    def read(self, key, etag, offset, length):
+        fd = self._open(key)
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or _version(st, etag) != etag:
+                raise ObjectChanged(f'{key!r}: changed since it was listed')
             data = os.pread(fd, length, offset)
-            if _etag(os.fstat(fd)) != etag:
-                raise ObjectChanged(f'{key}: changed while being read')
+            if _version(os.fstat(fd), etag) != etag:
+                raise ObjectChanged(f'{key!r}: changed while being read')
         except OSError as exc:
             raise _translate(exc, key) from None
         finally:
             os.close(fd)
         if len(data) != length:
-            raise ObjectChanged(f'{key}: shorter than listed')
+            raise ObjectChanged(f'{key!r}: shorter than listed')
         return data
 
     def stat(self, key):
+        fd = self._open(key)
         try:
-            st = os.stat(self._path(key))
+            st = os.fstat(fd)
         except OSError as exc:
             raise _translate(exc, key) from None
+        finally:
+            os.close(fd)
         if not stat.S_ISREG(st.st_mode):
-            raise ObjectNotFound(f'{key}: not a regular file')
+            raise ObjectNotFound(f'{key!r}: not a regular file')
         return ObjectInfo(key, st.st_size, _etag(st), st.st_mtime_ns)
 
     def check_access(self):
