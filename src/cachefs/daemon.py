@@ -37,7 +37,13 @@ from .ufs.errors import AccessDenied, BucketNotFound, ObjectNotFound, StoreError
 log = logging.getLogger(__name__)
 
 _MIN_REFRESH_INTERVAL = 10.0
+# Stopping (docs/failure-modes.md; packaging/systemd/cachefs@.service's TimeoutStopSec=45s
+# covers the sum, with room for closing the store):
+_STOP_GRACE = 5       # seconds FUSE requests in flight get to answer after SIGTERM (store calls
+                      # fail at once then; this bounds anything else, e.g. a stuck SSD read)
 _FLUSH_TIMEOUT = 30   # seconds spent writing blocks held in memory to the SSD at unmount
+_DETACH_POLL = 1.0    # seconds between checks that the mount is still attached (lazy unmount)
+
 
 
 def source_folder_name(source, endpoint_url):
@@ -239,6 +245,8 @@ class Daemon:
     async def _serve(self, fuse_options):
         options = self.options
         self.async_store = AsyncStore(self.store, options.store_concurrency, options.retry_timeout)
+        self._answering = trio.Event()
+        self._fuse_scope = trio.CancelScope()
         self.cache = BlockCache(self.async_store, options.block_size, options.memory_cache_size,
                                 self.disk, options.prefetch_window,
                                 options.prefetch_memory)
@@ -265,7 +273,12 @@ class Daemon:
                     nursery.start_soon(self._announce_when_answering)
                     nursery.start_soon(self._stop_on_signal, stop_signals)
                     nursery.start_soon(self._refresh_periodically, hangups)
-                    await pyfuse3.main(min_tasks=4, max_tasks=options.max_idle_threads)
+                    nursery.start_soon(self._end_reads_when_detached)
+                    with self._fuse_scope:
+                        await pyfuse3.main(min_tasks=4, max_tasks=options.max_idle_threads)
+                    self._fuse_scope = None
+                    # prefetches may still wait on the store: nobody will read them now
+                    self.async_store.shut_down()
                     # Unmount first, so that nobody waits on a mount that no longer answers
                     # while the blocks held in memory go to the SSD for the next mount.
                     closed = True
@@ -315,6 +328,7 @@ class Daemon:
         log.info('mounted %s on %s', self.source, self.mountpoint)
         self.on_ready()
         notify_systemd('READY=1\nSTATUS=serving ' + self.mountpoint)
+        self._answering.set()
 
     async def _refresh_periodically(self, hangups):
         """List the store again every --metadata-ttl, and at once on SIGHUP (`cachefs refresh`)."""
@@ -358,5 +372,36 @@ class Daemon:
         async for signum in stop_signals:
             log.info('received %s: unmounting %s', signal.Signals(signum).name, self.mountpoint)
             notify_systemd('STOPPING=1')
+            # pyfuse3.main returns only once every FUSE request under way is answered: a read
+            # stalled in the store would keep the daemon for its whole retry time. Its store
+            # call fails now instead, and the reader gets EIO.
+            self.async_store.shut_down()
             pyfuse3.terminate()
+            await trio.sleep(_STOP_GRACE)
+            if self._fuse_scope is not None:
+                log.warning('FUSE requests still unanswered %d s after %s; stopping without '
+                            'them (their readers get ENOTCONN)', _STOP_GRACE,
+                            signal.Signals(signum).name)
+                self._fuse_scope.cancel()
             return
+
+    async def _end_reads_when_detached(self):
+        """After a lazy unmount (`umount -l`, `fusermount3 -u -z`) the kernel keeps the mount
+        alive for the files still open, and tells the daemon nothing until the last one closes.
+        A reader waiting on a stalled store would keep it (and this daemon) for its whole retry
+        time: once the mount is gone from the mount table, store calls fail (EIO), so that the
+        last readers finish and the kernel ends the connection."""
+        await self._answering.wait()
+        entry = await trio.to_thread.run_sync(mounts.find_mount, self.mountpoint,
+                                              abandon_on_cancel=True)
+        if entry is None or entry.fstype != 'fuse.cachefs':
+            return
+        device = (entry.dev_major, entry.dev_minor)
+
+        def attached():
+            return any((e.dev_major, e.dev_minor) == device for e in mounts.mount_entries())
+        while await trio.to_thread.run_sync(attached, abandon_on_cancel=True):
+            await trio.sleep(_DETACH_POLL)
+        log.info('%s was detached (lazy unmount): store reads in flight fail now',
+                 self.mountpoint)
+        self.async_store.shut_down()

@@ -1,21 +1,37 @@
 """The trio face of a blocking `Store`: worker threads, a concurrency bound, retries, counters.
 
-Every SDK call runs in a worker thread under one `CapacityLimiter`, never on the trio thread
-(pyfuse3 runs all FUSE requests on that one thread: a blocking call there stalls the mount).
-A store may also offer `read_async`, a read native to trio (S3's, `s3_trio`): it runs on the
-trio thread under the same limiter, retries and deadline, and returns None for a read it hands
-back to the threaded `read`.
+Every SDK call runs in a worker thread, never on the trio thread (pyfuse3 runs all FUSE requests
+on that one thread: a blocking call there stalls the mount). A store may also offer `read_async`,
+a read native to trio (S3's, `s3_trio`): it runs on the trio thread under the same slots,
+retries and deadline, and returns None for a read it hands back to the threaded `read`.
 Retries use exponential backoff with full jitter and stop once `retry_timeout` would be exceeded.
 
-Each attempt of a read or stat is also bounded as a whole by the store's `request_timeout`. The
-SDKs' own timeouts bound each socket operation, not the request: a store (or a middlebox) that
-trickles a few bytes every second never trips them, and the FUSE read would wait for as long as
-it trickles. An attempt past its deadline is abandoned (its worker thread finishes in the
-background, keeping its place under the concurrency bound until then) and counts as a transient
-failure, so a read ends, with its bytes or EIO, within about retry_timeout + request_timeout.
+Deadlines. A call (a read with all its retries) ends, with its answer or a `StoreError`, within
+about retry_timeout + request_timeout:
+- each attempt is bounded as a whole by the store's `request_timeout`. The SDKs' own timeouts
+  bound each socket operation, not the request: a store (or a middlebox) that trickles a few
+  bytes every second never trips them, and the FUSE read would wait for as long as it trickles.
+  An attempt past its deadline counts as a transient failure;
+- the wait for a store slot is part of the call's retry budget: a call that gets no slot before
+  its retry time is spent fails (queueing behind stalled requests must not make a read wait for
+  the sum of their deadlines). The attempt's own request_timeout starts once it has its slot.
+
+Slots and threads. `max_concurrency` slots bound the attempts under way (native and threaded).
+A threaded attempt past its deadline is abandoned: its worker thread cannot be stopped and
+finishes in the background, but its slot is released at once, so a stalled store does not take
+the mount's slots away for as long as its sockets stay open. What bounds the threads is a second
+limiter: at most 2 x max_concurrency worker threads run (attempts under way plus abandoned ones);
+when abandoned threads fill it, new threaded attempts wait for one of them to end, inside their
+request_timeout. The SDK's socket timeouts (request_timeout per operation) end most abandoned
+threads soon; a store that trickles bytes keeps them for as long as it trickles.
+
+Shutdown. `shut_down` (unmount, SIGTERM) cancels every call under way, and fails every later one,
+with a `StoreError`: FUSE reads waiting on the store answer EIO at once, so the daemon can exit
+instead of waiting out their retries.
 """
 
 import logging
+import math
 import random
 import time
 
@@ -32,16 +48,16 @@ _MAX_BACKOFF = 5.0
 class RetryBudget:
     """Exponential backoff with full jitter, bounded by a total time budget."""
 
-    __slots__ = ('_deadline', '_backoff')
+    __slots__ = ('deadline', '_backoff')
 
     def __init__(self, retry_timeout):
-        self._deadline = time.monotonic() + retry_timeout
+        self.deadline = time.monotonic() + retry_timeout
         self._backoff = _FIRST_BACKOFF
 
     def delay_after(self, exc):
         """Seconds to wait before retrying after `exc`, or None when it must be raised."""
         delay = random.uniform(0, self._backoff)
-        if not exc.retryable or time.monotonic() + delay >= self._deadline:
+        if not exc.retryable or time.monotonic() + delay >= self.deadline:
             return None
         self._backoff = min(self._backoff * 2, _MAX_BACKOFF)
         return delay
@@ -58,14 +74,37 @@ class StoreCounters:
         self.in_flight = 0
 
 
+def _what(fn, args):
+    """A call, for messages: its name and its key (quoted: a key may hold any character)."""
+    name = getattr(fn, '__name__', 'request')
+    return f'{name} {args[0]!r}' if args else name
+
+
+class ShuttingDown(StoreError):
+    """The mount is going away: store calls under way and later ones fail (EIO)."""
+
+
 class AsyncStore:
     def __init__(self, store, max_concurrency=32, retry_timeout=60.0):
+        if not isinstance(max_concurrency, int) or max_concurrency < 1:
+            # zero slots would make every uncached read wait forever
+            raise ValueError(f'the store concurrency must be at least 1, not {max_concurrency!r}')
         self.store = store
         self.source = store.source
         self.retry_timeout = retry_timeout
         self.counters = StoreCounters()
-        self._limiter = trio.CapacityLimiter(max_concurrency)
+        self._slots = trio.CapacityLimiter(max_concurrency)
+        # worker threads alive: those of attempts under way and abandoned ones still running
+        self._threads = trio.CapacityLimiter(2 * max_concurrency)
         self.request_timeout = getattr(store, 'request_timeout', None)   # None: no bound
+        self._calls = set()        # cancel scopes of the calls under way
+        self._closing = False
+
+    def shut_down(self):
+        """Fail every store call under way, and every later one, with `ShuttingDown`."""
+        self._closing = True
+        for scope in list(self._calls):
+            scope.cancel()
 
     async def read(self, key, etag, offset, length):
         data = None
@@ -83,48 +122,57 @@ class AsyncStore:
     async def list_objects(self):
         # One thread call for the whole listing: pagination is sequential anyway. A listing of
         # many pages may rightly take longer than one request, so it has no overall deadline.
-        return await self._call(lambda: list(self.store.list_objects()), bounded=False)
+        def listing():
+            return list(self.store.list_objects())
+        return await self._call(listing, bounded=False)
 
     async def _call(self, fn, *args, bounded=True, native=False):
         """`fn(*args)` with retries; `in_flight` counts the calls under way, backoffs included."""
+        if self._closing:
+            raise ShuttingDown(f'{_what(fn, args)}: the mount is shutting down')
         self.counters.in_flight += 1
+        scope = trio.CancelScope()
+        self._calls.add(scope)
         try:
-            return await self._attempts(fn, args, bounded, native)
+            with scope:
+                return await self._attempts(fn, args, bounded, native)
+            # only reached when `shut_down` cancelled this call
+            raise ShuttingDown(f'{_what(fn, args)}: the mount is shutting down')
         finally:
+            self._calls.discard(scope)
             self.counters.in_flight -= 1
 
     async def _attempts(self, fn, args, bounded, native):
         budget = RetryBudget(self.retry_timeout)
-        timeout = self.request_timeout if bounded else None
+        timeout = self.request_timeout if bounded and self.request_timeout else math.inf
         while True:
-            self.counters.requests += 1
             try:
-                if native:
-                    # The deadline starts once the request has its slot: waiting behind other
-                    # requests (stalled ones hold theirs up to their own deadline) is not the
-                    # store being slow, and must not use up this request's time.
-                    async with self._limiter:
-                        with trio.move_on_after(timeout if timeout is not None else
-                                                float('inf')):
-                            data = await fn(*args)
-                            if data is None:        # handed back: not a request of its own
-                                self.counters.requests -= 1
-                            return data
-                elif timeout is None:
-                    return await trio.to_thread.run_sync(fn, *args, limiter=self._limiter)
-                else:
+                with trio.move_on_after(max(budget.deadline - time.monotonic(), 0)) as waiting:
+                    await self._slots.acquire()
+                if waiting.cancelled_caught:
+                    raise TransientError(f'{_what(fn, args)}: no store slot came free within '
+                                         f'the retry timeout ({self.retry_timeout:g}s)')
+                self.counters.requests += 1
+                try:
                     with trio.move_on_after(timeout):
-                        return await trio.to_thread.run_sync(fn, *args, limiter=self._limiter,
-                                                             abandon_on_cancel=True)
-                raise TransientError(f'{getattr(fn, "__name__", "request")} {args[0]!r}: no '
-                                     f'complete answer within the request timeout ({timeout:g}s)')
+                        if not native:
+                            return await trio.to_thread.run_sync(
+                                fn, *args, limiter=self._threads, abandon_on_cancel=True)
+                        data = await fn(*args)
+                        if data is None:        # handed back: not a request of its own
+                            self.counters.requests -= 1
+                        return data
+                finally:
+                    self._slots.release()
+                raise TransientError(f'{_what(fn, args)}: no complete answer within the request '
+                                     f'timeout ({timeout:g}s)')
             except StoreError as exc:
                 self.counters.errors += 1
                 delay = budget.delay_after(exc)
                 if delay is None:
                     raise
                 self.counters.retries += 1
-                log.info('retrying %s after %s (in %.2fs)', getattr(fn, '__name__', 'request'), exc, delay)
+                log.info('retrying %s after %s (in %.2fs)', _what(fn, args), exc, delay)
                 await trio.sleep(delay)
 
 
