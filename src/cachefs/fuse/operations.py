@@ -98,8 +98,12 @@ class Operations(pyfuse3.Operations):
         # bytes of two versions, even when a refresh replaces the tree meanwhile.
         self._handles = {}
         self._next_handle = 1
-        # Nodes of a replaced tree that the kernel may still ask about until it forgets them.
+        # Nodes of a replaced tree that the kernel may still ask about. Kept only while the kernel
+        # holds a reference (its lookup count) or a handle is open on them, so that a mount
+        # refreshed for months holds no more of them than the kernel does.
         self._retired = {}
+        self._lookups = {}         # inode -> references the kernel holds (lookup count)
+        self._open_counts = {}     # inode -> open file handles
         self.latency = {}     # operation name -> OpLatency
 
     def _node(self, inode):
@@ -112,9 +116,19 @@ class Operations(pyfuse3.Operations):
         """Serve `tree` from now on; inodes it no longer has stay answerable until forgotten."""
         old = self.tree
         for inode, node in old.nodes.items():
-            if inode not in tree.nodes:
+            if inode not in tree.nodes and self._in_use(inode):
                 self._retired[inode] = node
+        for inode in [inode for inode in self._retired if inode in tree.nodes]:
+            del self._retired[inode]          # back in the tree (the same key and version)
         self.tree = tree
+
+    def _in_use(self, inode):
+        return inode in self._lookups or inode in self._open_counts
+
+    def _entry(self, node):
+        """The attributes of `node` for a reply that gives the kernel a reference to it."""
+        self._lookups[node.inode] = self._lookups.get(node.inode, 0) + 1
+        return self._attributes(node)
 
     def _attributes(self, node):
         attrs = pyfuse3.EntryAttributes()
@@ -136,9 +150,9 @@ class Operations(pyfuse3.Operations):
     @_handler
     async def lookup(self, parent_inode, name, ctx=None):
         if name == b'.':
-            return self._attributes(self._node(parent_inode))
+            return self._entry(self._node(parent_inode))
         if name == b'..':
-            return self._attributes(self._node(self._node(parent_inode).parent))
+            return self._entry(self._node(self._node(parent_inode).parent))
         node = self.tree.lookup(parent_inode, name)
         if node is None:
             self._node(parent_inode)
@@ -149,16 +163,23 @@ class Operations(pyfuse3.Operations):
             attrs.st_ino = 0
             attrs.entry_timeout = self.entry_timeout
             return attrs
-        return self._attributes(node)
+        return self._entry(node)
 
     @_handler
     async def getattr(self, inode, ctx=None):
         return self._attributes(self._node(inode))
 
     async def forget(self, inode_list):
-        # The tree holds its inodes for the life of the mount; only retired ones are released.
-        for inode, _ in inode_list:
-            self._retired.pop(inode, None)
+        # The tree holds its inodes for the life of the mount; only retired ones are released,
+        # once the kernel holds no reference to them and no handle is open on them.
+        for inode, nlookup in inode_list:
+            left = self._lookups.get(inode, 0) - nlookup
+            if left > 0:
+                self._lookups[inode] = left
+                continue
+            self._lookups.pop(inode, None)
+            if inode not in self._open_counts:
+                self._retired.pop(inode, None)
 
     @_handler
     async def opendir(self, inode, ctx):
@@ -174,8 +195,11 @@ class Operations(pyfuse3.Operations):
         # start_id is the index of the next entry to send; READDIRPLUS takes the attributes too.
         for index in range(start_id, len(names)):
             name = names[index]
-            if not pyfuse3.readdir_reply(token, name, self._attributes(children[name]), index + 1):
+            # READDIRPLUS: an entry the kernel takes is a reference, as a lookup is.
+            node = children[name]
+            if not pyfuse3.readdir_reply(token, name, self._attributes(node), index + 1):
                 return
+            self._lookups[node.inode] = self._lookups.get(node.inode, 0) + 1
 
     async def releasedir(self, fh):
         pass
@@ -204,6 +228,7 @@ class Operations(pyfuse3.Operations):
         fh = self._next_handle
         self._next_handle += 1
         self._handles[fh] = node
+        self._open_counts[inode] = self._open_counts.get(inode, 0) + 1
         # The object is immutable for a given ETag: let the kernel keep its pages across opens
         # (a refresh that sees a new ETag drops them with invalidate_inode).
         return pyfuse3.FileInfo(fh=fh, keep_cache=True)
@@ -216,7 +241,15 @@ class Operations(pyfuse3.Operations):
         return await self.cache.read(node.key, node.etag, node.size, offset, size)
 
     async def release(self, fh):
-        self._handles.pop(fh, None)
+        node = self._handles.pop(fh, None)
+        if node is None:
+            return
+        inode = node.inode
+        left = self._open_counts.pop(inode, 1) - 1
+        if left > 0:
+            self._open_counts[inode] = left
+        elif inode not in self._lookups:
+            self._retired.pop(inode, None)
 
     # -- control channel --
 
@@ -229,6 +262,7 @@ class Operations(pyfuse3.Operations):
                 stats = self.stats()
                 stats['fuse_ops'] = {op: lat.as_dict() for op, lat in self.latency.items()}
                 stats['fuse_latency_buckets'] = LATENCY_BUCKETS
+                stats['fuse_retired_nodes'] = len(self._retired)
                 return json.dumps(stats, sort_keys=True).encode()
         node = self._node(inode)
         if name == XATTR_CACHED and not node.is_dir:
