@@ -1,6 +1,7 @@
 """The systems under test, and how each one is mounted, observed and unmounted.
 
-- `cachefs`: `cachefs mount` (daemon in the background; its PID from the user.cachefs.pid xattr).
+- `cachefs`: `cachefs mount` (daemon in the background; its PID and counters asked through
+  cachefs.control, which checks that the mount and the PID really are a cachefs daemon's).
 - `s3fs`: s3fs-fuse with its disk cache (`use_cache`), run in the foreground (`-f`) as our own
   child so that its PID is known without guessing.
 - `rclone`: `rclone mount --vfs-cache-mode full`, also a foreground child.
@@ -16,7 +17,6 @@ Every mount registers its own teardown with `host.on_cleanup` before it is start
 that dies half-way still unmounts it and stops its daemon.
 """
 
-import json
 import logging
 import os
 import shutil
@@ -29,8 +29,6 @@ from . import host
 
 log = logging.getLogger(__name__)
 
-XATTR_PID = 'user.cachefs.pid'
-XATTR_STATS = 'user.cachefs.stats'
 MOUNT_TIMEOUT = 600   # seconds; listing 20,000 keys takes a few
 UMOUNT_TIMEOUT = 120
 
@@ -71,7 +69,8 @@ class Mount:
 
 class CacheFSMount(Mount):
     def stats(self):
-        return json.loads(os.getxattr(self.path, XATTR_STATS))
+        from cachefs import control
+        return control.open_mount(self.path).stats()
 
 
 def _pids_with_argument(argument):
@@ -205,7 +204,8 @@ class CacheFS(System):
             if result.returncode != 0:
                 raise RuntimeError(f'cachefs mount failed ({result.returncode}): '
                                    f'{result.stderr.strip()}; see {self.log_path()}')
-            state['pid'] = int(os.getxattr(mnt, XATTR_PID))
+            from cachefs import control
+            state['pid'] = control.open_mount(mnt).daemon_pid()
         except BaseException:
             close()
             host.done(token)

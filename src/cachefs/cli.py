@@ -10,20 +10,17 @@ parsed again, so an explicit flag always wins.
 """
 
 import argparse
-import errno
 import json
 import logging
 import math
 import os
-import signal
 import subprocess
 import sys
 import time
 
-from . import __version__, mounts
+from . import __version__, control, mounts
 from .config import add_mount_options, expand_dash_o
-from .errors import (EXIT_CODES, EXIT_INTERNAL, EXIT_NOT_MOUNTED, EXIT_OK, EXIT_STORE,
-                     EXIT_USAGE, UserError)
+from .errors import EXIT_CODES, EXIT_INTERNAL, EXIT_OK, EXIT_STORE, EXIT_USAGE, UserError
 from .units import format_size
 
 log = logging.getLogger(__name__)
@@ -222,26 +219,11 @@ def _argv_of(options):
 
 # -- umount --
 
-def daemon_pid(mountpoint):
-    """The PID of the daemon serving `mountpoint`, None for a dead mount; raises when not ours."""
-    from .fuse.operations import XATTR_PID
-    try:
-        return int(os.getxattr(mountpoint, XATTR_PID))
-    except OSError as exc:
-        if exc.errno == errno.ENOTCONN:
-            return None
-        entry = mounts.find_mount(os.path.abspath(mountpoint))
-        if entry is None or entry.fstype != 'fuse.cachefs':
-            raise UserError(f'{mountpoint} is not a cachefs mount', EXIT_NOT_MOUNTED) from None
-        return None
-
-
 def command_umount(options):
-    mountpoint = os.path.abspath(options.mountpoint)
-    pid = daemon_pid(mountpoint)
-    ok, message = mounts.unmount(mountpoint, lazy=pid is None)
-    if not ok:
-        raise UserError(f'cannot unmount {mountpoint}: {message}', EXIT_NOT_MOUNTED)
+    # A dead mount (its daemon was killed) has no daemon to wait for: unmount it lazily.
+    mount = control.open_mount(options.mountpoint, allow_dead=True)
+    pid = None if mount.dead else mount.daemon_pid()
+    mounts.unmount(mount.mountpoint, lazy=mount.dead)
     if pid is not None and not _wait_for_exit(pid, options.timeout):
         print(f'cachefs: warning: unmounted, but daemon {pid} is still running after '
               f'{options.timeout:g}s', file=sys.stderr)
@@ -269,11 +251,7 @@ def _wait_for_exit(pid, timeout):
 # -- stats --
 
 def read_stats(mountpoint):
-    from .fuse.operations import XATTR_STATS
-    try:
-        return json.loads(os.getxattr(mountpoint, XATTR_STATS))
-    except OSError:
-        raise UserError(f'{mountpoint} is not a live cachefs mount', EXIT_NOT_MOUNTED) from None
+    return control.open_mount(mountpoint).stats()
 
 
 def command_stats(options):
@@ -352,11 +330,12 @@ def format_latency(ops, bounds):
 
 
 def command_refresh(options):
-    before = read_stats(options.mountpoint)
-    os.kill(before['pid'], signal.SIGHUP)
+    mount = control.open_mount(options.mountpoint)
+    before = mount.stats()
+    mount.request_refresh()
     deadline = time.monotonic() + options.timeout
     while time.monotonic() < deadline:
-        after = read_stats(options.mountpoint)
+        after = mount.stats()
         if after['listing_generation'] > before['listing_generation']:
             print(f"refreshed: {after['files']} files, {format_size(after['dataset_bytes'])}")
             return EXIT_OK

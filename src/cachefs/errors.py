@@ -18,7 +18,8 @@ EXIT_STORE = 5           # endpoint unreachable or the store keeps failing
 EXIT_MOUNTPOINT = 6      # mount point missing, not a directory, not empty, already mounted
 EXIT_FUSE = 7            # no /dev/fuse, no permission to mount, FUSE refused the mount
 EXIT_CACHE = 8           # cache folder cannot be created or written
-EXIT_NOT_MOUNTED = 9     # umount/stats: the path is not a cachefs mount
+EXIT_NOT_MOUNTED = 9     # umount/stats/refresh/warmup: not a cachefs mount (of this user or root)
+EXIT_BUSY = 10           # umount: the mount is busy (open files, a working directory in it)
 
 EXIT_CODES = {
     EXIT_OK: 'success',
@@ -30,7 +31,8 @@ EXIT_CODES = {
     EXIT_MOUNTPOINT: 'mount point missing, not a directory, not empty, or already mounted',
     EXIT_FUSE: 'FUSE unavailable: no /dev/fuse, no permission, or the kernel refused the mount',
     EXIT_CACHE: 'cache folder cannot be created or written',
-    EXIT_NOT_MOUNTED: 'not a cachefs mount',
+    EXIT_NOT_MOUNTED: 'not a cachefs mount (of this user or root)',
+    EXIT_BUSY: 'the mount is busy: files are open in it or a process works in it',
 }
 
 

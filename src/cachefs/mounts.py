@@ -12,7 +12,7 @@ import stat
 import subprocess
 from dataclasses import dataclass
 
-from .errors import EXIT_FUSE, EXIT_MOUNTPOINT, UserError
+from .errors import EXIT_BUSY, EXIT_FUSE, EXIT_MOUNTPOINT, EXIT_NOT_MOUNTED, UserError
 
 log = logging.getLogger(__name__)
 
@@ -145,7 +145,8 @@ def tune_kernel(mountpoint, read_ahead_bytes, max_background):
 
 
 def unmount(path, lazy=False):
-    """Unmount a FUSE mount (also a dead one); returns (ok, message)."""
+    """Unmount a FUSE mount (also a dead one); raises `UserError` when it stays mounted:
+    EXIT_BUSY while files are open in it, else EXIT_NOT_MOUNTED."""
     message = 'neither fusermount3 nor umount is installed'
     for command in (['fusermount3', '-u'] + (['-z'] if lazy else []) + [path],
                     ['umount'] + (['-l'] if lazy else []) + [path]):
@@ -153,6 +154,10 @@ def unmount(path, lazy=False):
             continue
         result = subprocess.run(command, capture_output=True, text=True, check=False)
         if result.returncode == 0:
-            return True, ''
+            return
         message = result.stderr.strip().splitlines()[-1] if result.stderr.strip() else ''
-    return False, message
+        # fusermount3 says "Device or resource busy", umount(8) "target is busy"
+        if 'busy' in message.lower():
+            raise UserError(f'cannot unmount {path}: it is busy (files are open in it or a '
+                            f'process works in it; see fuser -vm {path})', EXIT_BUSY)
+    raise UserError(f'cannot unmount {path}: {message}', EXIT_NOT_MOUNTED)

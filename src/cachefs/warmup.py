@@ -14,24 +14,19 @@ on the SSD (a daemon stopped right afterwards keeps it). When the SSD tier refus
 blocks during the run (it is full, or smaller than the data), the summary says so.
 """
 
-import errno
 import json
 import logging
 import os
-import stat
 import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from .errors import EXIT_NOT_MOUNTED, EXIT_OK, EXIT_STORE, EXIT_USAGE, UserError
+from . import control
+from .errors import EXIT_OK, EXIT_STORE, EXIT_USAGE, UserError
 from .units import format_size
 
 log = logging.getLogger(__name__)
-
-XATTR_PID = 'user.cachefs.pid'
-XATTR_STATS = 'user.cachefs.stats'
-XATTR_CACHED = 'user.cachefs.cached'
 
 READ_SIZE = 1 << 20
 PROGRESS_INTERVAL = 5.0          # seconds between plain progress lines (not a terminal)
@@ -39,28 +34,9 @@ POLL_INTERVAL = 0.05             # seconds between progress updates and looks at
 SHOWN_ERRORS = 5
 
 
-def find_mount_root(path):
-    """The root of the cachefs mount holding `path`; a one-line UserError when there is none."""
-    try:
-        is_dir = stat.S_ISDIR(os.stat(path).st_mode)
-    except OSError as exc:
-        if exc.errno == errno.ENOTCONN:
-            raise UserError(f'{path} is on a dead cachefs mount (its daemon is gone); '
-                            'run cachefs umount on it', EXIT_NOT_MOUNTED) from None
-        raise UserError(f'{path}: {exc.strerror}', EXIT_USAGE) from None
-    folder = os.path.abspath(path if is_dir else os.path.dirname(path))
-    while True:
-        try:
-            os.getxattr(folder, XATTR_PID)
-            return folder
-        except OSError as exc:
-            if exc.errno == errno.ENOTCONN:
-                raise UserError(f'{path} is on a dead cachefs mount (its daemon is gone); '
-                                'run cachefs umount on it', EXIT_NOT_MOUNTED) from None
-        parent = os.path.dirname(folder)
-        if parent == folder:
-            raise UserError(f'{path} is not inside a cachefs mount', EXIT_NOT_MOUNTED)
-        folder = parent
+def find_mount(path):
+    """The checked cachefs mount holding `path` (control.py); a one-line UserError if none."""
+    return control.open_mount(path, inside=True)
 
 
 def _raise(exc):
@@ -85,12 +61,8 @@ def list_files(paths):
 
 def cached_state(path):
     """(size, cached bytes, fully cached) of one file, from the daemon."""
-    state = json.loads(os.getxattr(path, XATTR_CACHED))
+    state = control.cached_state(path)
     return state['size'], state['cached_bytes'], state['cached_blocks'] >= state['blocks']
-
-
-def read_daemon_stats(root):
-    return json.loads(os.getxattr(root, XATTR_STATS))
 
 
 class Progress:
@@ -152,8 +124,9 @@ class Progress:
 class Warmup:
     """One run of `cachefs warmup` over a list of files of one or more mounts."""
 
-    def __init__(self, roots, threads):
-        self.roots = sorted(set(roots))
+    def __init__(self, mounts, threads):
+        self.mounts = {mount.mountpoint: mount for mount in mounts}
+        self.roots = sorted(self.mounts)
         self.threads = threads
         self.stop = threading.Event()
         self.errors = []            # (path, message)
@@ -176,10 +149,10 @@ class Warmup:
 
     def daemon_stats(self):
         totals = {}
-        for root in self.roots:
+        for mount in self.mounts.values():
             try:
-                stats = read_daemon_stats(root)
-            except (OSError, ValueError):
+                stats = mount.stats()
+            except UserError:
                 continue
             for key in ('disk_writes_pending', 'disk_skipped_writes', 'evictions'):
                 totals[key] = totals.get(key, 0) + stats.get(key, 0)
@@ -338,20 +311,20 @@ def print_summary(result):
 def command_warmup(options):
     if options.threads < 1:
         raise UserError('--threads must be at least 1', EXIT_USAGE)
-    roots = [find_mount_root(path) for path in options.paths]
+    mounts = [find_mount(path) for path in options.paths]
     try:
         files = list_files(options.paths)
     except OSError as exc:
         raise UserError(f'cannot list {exc.filename}: {exc.strerror}', EXIT_USAGE) from None
     if options.check:
         result = check(files, options.threads)
-        result['mounts'] = sorted(set(roots))
+        result['mounts'] = sorted({mount.mountpoint for mount in mounts})
         if options.json:
             print(json.dumps(result, indent=2, sort_keys=True))
         else:
             print_check(result)
         return EXIT_STORE if result['errors'] else EXIT_OK
-    runner = Warmup(roots, options.threads)
+    runner = Warmup(mounts, options.threads)
     try:
         result = runner.run(files)
     except KeyboardInterrupt:

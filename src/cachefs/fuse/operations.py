@@ -10,7 +10,7 @@ store error into its errno.
 
 Control channel: extended attributes of the root folder (`user.cachefs.pid`,
 `user.cachefs.stats`) let `cachefs umount` and `cachefs stats` find and query the daemon of a
-mount without any file or socket of their own.
+mount without any file or socket of their own; `control.py` owns that protocol.
 """
 
 import bisect
@@ -23,14 +23,11 @@ import time
 
 import pyfuse3
 
+from ..control import XATTR_CACHED, XATTR_PID, XATTR_STATS   # names of the control protocol
 from ..namespace import ROOT_INODE, file_mode
 from ..ufs.errors import StoreError
 
 log = logging.getLogger(__name__)
-
-XATTR_PID = b'user.cachefs.pid'
-XATTR_STATS = b'user.cachefs.stats'
-XATTR_CACHED = b'user.cachefs.cached'     # on a file: how much of it the cache holds (JSON)
 
 # Upper bounds (seconds) of the FUSE latency histogram buckets; the last bucket is open.
 LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
