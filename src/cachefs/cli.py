@@ -21,6 +21,7 @@ import time
 from . import __version__, control, mounts
 from .config import add_mount_options, expand_dash_o
 from .errors import EXIT_CODES, EXIT_INTERNAL, EXIT_OK, EXIT_STORE, EXIT_USAGE, UserError
+from .logs import OneLineFormatter, one_line
 from .units import format_size
 
 log = logging.getLogger(__name__)
@@ -94,7 +95,7 @@ def build_parser():
 
 def setup_logging(level='info', log_file=None):
     handler = logging.FileHandler(log_file) if log_file else logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter('%(asctime)s %(levelname)s %(name)s: %(message)s'))
+    handler.setFormatter(OneLineFormatter())     # one record, one line, whatever a key holds
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
@@ -116,7 +117,7 @@ def main(argv=None):
             options = apply_option_layers(parser, argv, options)
         return COMMANDS[options.command](options)
     except UserError as exc:
-        print(f'cachefs: error: {exc}', file=sys.stderr)
+        print(f'cachefs: error: {one_line(exc)}', file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         return 130
@@ -164,9 +165,9 @@ def run_daemon(options):
         return EXIT_OK
     except UserError as exc:
         log.error('%s', exc)
-        report(f'error {exc.exit_code} {exc}')
+        report(f'error {exc.exit_code} {one_line(exc)}')
         if ready_fd < 0:
-            print(f'cachefs: error: {exc}', file=sys.stderr)
+            print(f'cachefs: error: {one_line(exc)}', file=sys.stderr)
         return exc.exit_code
     except Exception:
         log.exception('the daemon failed')
