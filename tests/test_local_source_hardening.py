@@ -6,6 +6,7 @@ Links that stay inside the folder are served (test_security covers link loops an
 
 import errno
 import os
+import threading
 
 import pytest
 
@@ -132,3 +133,33 @@ def test_a_file_rewritten_in_place_with_its_mtime_restored_never_mixes_versions(
     result = run_cachefs('refresh', mounted.path)
     assert result.returncode == 0, result.stderr
     assert path.read_bytes() == new
+
+
+def test_a_file_replaced_by_a_fifo_after_listing_fails_at_once(tmp_path):
+    """Opening a FIFO blocks until a writer comes: a read must fail instead of hanging."""
+    root = tmp_path / 'local-src'
+    root.mkdir()
+    (root / 'file.bin').write_bytes(b'data')
+    store = LocalStore(str(root))
+    [info] = store.list_objects()
+    os.unlink(root / 'file.bin')
+    os.mkfifo(root / 'file.bin')
+    outcome = []
+    reader = threading.Thread(target=lambda: outcome.append(
+        pytest.raises(ObjectChanged, store.read, 'file.bin', info.etag, 0, 4)), daemon=True)
+    reader.start()
+    reader.join(10)
+    assert outcome, 'the read hung on a FIFO'
+
+
+def test_a_version_listed_by_an_older_cachefs_is_still_read_until_the_next_listing(tmp_path):
+    """Listings saved before ctime was part of the version (inode-mtime-size) stay readable."""
+    root = tmp_path / 'local-src'
+    root.mkdir()
+    (root / 'file.bin').write_bytes(b'data')
+    st = os.stat(root / 'file.bin')
+    legacy = f'{st.st_ino:x}-{st.st_mtime_ns:x}-{st.st_size:x}'
+    store = LocalStore(str(root))
+    assert store.read('file.bin', legacy, 0, 4) == b'data'
+    [info] = store.list_objects()
+    assert info.etag != legacy and store.read('file.bin', info.etag, 0, 4) == b'data'
