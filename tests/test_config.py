@@ -32,8 +32,8 @@ def test_durations(text, expected):
 def test_dash_o_becomes_long_options():
     argv = expand_dash_o(['src', 'mnt', '-o', 'memory_cache_size=100G,allow_other,ro,_netdev',
                           '-oentry_timeout=2h', '--foreground'])
-    assert argv == ['src', 'mnt', '--memory-cache-size', '100G', '--allow-other', '--entry-timeout',
-                    '2h', '--foreground']
+    assert argv == ['src', 'mnt', '--memory-cache-size=100G', '--allow-other', '--entry-timeout=2h',
+                    '--foreground']
 
 
 def test_dash_o_rejects_unknown_options():

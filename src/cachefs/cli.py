@@ -138,11 +138,25 @@ def apply_option_layers(parser, argv, options):
 def command_mount(options):
     # Refuse credentials in URLs here, before they would reach the daemon's command line.
     from .ufs import check_endpoint, parse_source
-    parse_source(options.source)
-    check_endpoint(options.endpoint_url)
+    source = parse_source(options.source)
+    check_endpoint(options.endpoint_url, scheme=source.scheme)
+    variable = {'s3': 'AWS_ENDPOINT_URL', 'oss': 'OSS_ENDPOINT'}.get(source.scheme)
+    if variable and not options.endpoint_url:
+        check_endpoint(os.environ.get(variable), variable, source.scheme)
+    if options.log_file:
+        check_log_file(options.log_file)
     if options.foreground:
         return run_daemon(options)
     return spawn_daemon(options)
+
+
+def check_log_file(path):
+    """The log file can be opened for appending (its folder exists, it may be written)."""
+    try:
+        with open(path, 'ab'):
+            pass
+    except OSError as exc:
+        raise UserError(f'--log-file {path}: {exc.strerror}', EXIT_USAGE) from None
 
 
 def run_daemon(options):
@@ -164,9 +178,10 @@ def run_daemon(options):
         daemon.serve()
         return EXIT_OK
     except UserError as exc:
-        log.error('%s', exc)
         report(f'error {exc.exit_code} {one_line(exc)}')
-        if ready_fd < 0:
+        if ready_fd >= 0 or options.log_file:
+            log.error('%s', exc)
+        if ready_fd < 0:        # in the foreground; stderr gets this one line, not a log line too
             print(f'cachefs: error: {one_line(exc)}', file=sys.stderr)
         return exc.exit_code
     except Exception:
@@ -205,17 +220,20 @@ def spawn_daemon(options):
 
 
 def _argv_of(options):
-    """The parsed options back as a command line, for the daemon process."""
+    """The parsed options back as a command line, for the daemon process. Values are joined to
+    their option and the positionals follow `--`, so that a value or a path starting with '-'
+    (`--region=-x`, a folder named `-data`) is never taken for an option."""
     from .config import MOUNT_OPTIONS
-    argv = [options.source, options.mountpoint]
+    argv = []
     for option in MOUNT_OPTIONS:
         value = getattr(options, option.name.replace('-', '_'))
         if option.kind == 'flag':
             if value:
                 argv.append('--' + option.name)
         elif value is not None:
-            argv += ['--' + option.name, str(value)]
-    return argv
+            argv.append(f'--{option.name}={value}')
+    # the mount point as an absolute path: `cachefs umount` finds the daemon by it (control.py)
+    return argv + ['--', options.source, os.path.abspath(options.mountpoint)]
 
 
 # -- umount --

@@ -11,6 +11,7 @@ Values may also come from `CACHEFS_*` environment variables, a config file and a
 
 import argparse
 import logging
+import math
 import os
 from dataclasses import dataclass
 
@@ -19,6 +20,7 @@ from .units import parse_duration, parse_size
 
 log = logging.getLogger(__name__)
 
+KiB = 1 << 10
 MiB = 1 << 20
 GiB = 1 << 30
 
@@ -30,6 +32,59 @@ def default_cache_dir():
     return os.path.join(base, 'cachefs')
 
 
+def machine_memory():
+    """Bytes of RAM of this machine: no memory budget can exceed it."""
+    try:
+        return os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
+    except (ValueError, OSError):
+        return 1 << 50
+
+
+# Checks of a converted value: each raises ValueError (with no message: the option's `limits`
+# then says what is allowed; with a message: that message alone).
+
+def _between(low, high, above=False):
+    """low <= value <= high; with `above`, low < value."""
+    def check(value):
+        if value < low or value > high or (above and value == low):
+            raise ValueError()
+    return check
+
+
+def _power_of_two_between(low, high):
+    def check(value):
+        if not low <= value <= high or value & (value - 1):
+            raise ValueError()
+    return check
+
+
+def _at_most_memory(value):
+    if not 0 <= value <= machine_memory():
+        raise ValueError()
+
+
+def _percent_or_size(value):
+    if isinstance(value, str) and not 0 <= float(value[:-1]) <= 100:
+        raise ValueError()
+
+
+def _not_empty(value):
+    if not value.strip():
+        raise ValueError()
+
+
+def _one_word(value):
+    if not value or any(c.isspace() or not c.isprintable() for c in value):
+        raise ValueError()
+
+
+def _endpoint(value):
+    from .ufs import endpoint_problem
+    problem = endpoint_problem(value)
+    if problem:
+        raise ValueError(problem)       # never the value itself: it may hold credentials
+
+
 @dataclass(frozen=True)
 class Option:
     name: str               # long option without dashes, e.g. 'cache-size'
@@ -38,61 +93,91 @@ class Option:
     default: object
     help: str
     choices: tuple = ()
+    limits: str = ''        # the values allowed, in words (help, errors, README)
+    check: object = None    # value -> None, or raises ValueError (see above)
 
+
+MAX_ID = 2 ** 32 - 2        # uid/gid: (uid_t)-1 means "unchanged" to the kernel
 
 MOUNT_OPTIONS = (
     Option('cache-dir', 'str', None,
            'cache folder (one subfolder per source; default /var/cache/cachefs as root, '
-           '~/.cache/cachefs otherwise)'),
+           '~/.cache/cachefs otherwise)', limits='a folder path', check=_not_empty),
     Option('endpoint-url', 'str', None,
            'S3 or OSS endpoint, e.g. http://127.0.0.1:8333 or oss-cn-hangzhou.aliyuncs.com '
-           '(S3 also reads AWS_ENDPOINT_URL, OSS reads OSS_ENDPOINT)'),
-    Option('region', 'str', None, 'S3 region (default: from the AWS configuration)'),
+           '(S3 also reads AWS_ENDPOINT_URL, OSS reads OSS_ENDPOINT)',
+           limits='an http:// or https:// URL; for OSS also a bare host', check=_endpoint),
+    Option('region', 'str', None, 'S3 region (default: from the AWS configuration)',
+           limits='one word, no spaces', check=_one_word),
     Option('path-style', 'flag', False, 'path-style addressing (http://host/bucket/key)'),
     Option('no-sign-request', 'flag', False, 'anonymous access to a public S3 bucket'),
-    Option('block-size', 'size', 4 * MiB, 'cache block size, the unit of store reads'),
-    Option('memory-cache-size', 'size', 1 * GiB, 'memory tier capacity'),
+    Option('block-size', 'size', 4 * MiB, 'cache block size, the unit of store reads',
+           limits='a power of two from 64K to 64M', check=_power_of_two_between(64 * KiB, 64 * MiB)),
+    Option('memory-cache-size', 'size', 1 * GiB, 'memory tier capacity',
+           limits="0 to the machine's memory", check=_at_most_memory),
     Option('cache-size', 'size_or_percent', '80%',
-           'SSD tier capacity, bytes or a percentage of the cache disk (0 turns the tier off)'),
+           'SSD tier capacity, bytes or a percentage of the cache disk (0 turns the tier off)',
+           limits='0 or more bytes, or 0% to 100%', check=_percent_or_size),
     Option('free-space-ratio', 'ratio', 0.1,
-           'free space always left on the cache disk, even when other programs fill it'),
+           'free space always left on the cache disk, even when other programs fill it',
+           limits='0 to 0.99 (or 0% to 99%)', check=_between(0, 0.99)),
     Option('eviction', 'choice', 'lru',
            'SSD tier policy when full: lru, or none (fill once, then stop admitting; best when '
            'the dataset is larger than the cache), or auto (none when the SSD tier is smaller '
            'than the dataset, else lru)', ('lru', 'none', 'auto')),
     Option('prefetch-window', 'size', 32 * MiB,
-           'largest read-ahead per sequentially read file (0 turns prefetch off)'),
+           'largest read-ahead per sequentially read file (0 turns prefetch off)',
+           limits='0 to 1G', check=_between(0, GiB)),
     Option('prefetch-memory', 'size', 512 * MiB,
-           'prefetch bytes in flight, for all readers together'),
+           'prefetch bytes in flight, for all readers together',
+           limits="0 to the machine's memory", check=_at_most_memory),
     Option('metadata-ttl', 'duration', 24 * 3600.0,
-           'age after which the saved listing is refreshed from the store ("inf": never)'),
-    Option('entry-timeout', 'duration', 7200.0, 'how long the kernel caches name lookups'),
-    Option('attr-timeout', 'duration', 7200.0, 'how long the kernel caches file attributes'),
+           'age after which the saved listing is refreshed from the store ("inf": never)',
+           limits='0 or more, or inf', check=_between(0, math.inf)),
+    Option('entry-timeout', 'duration', 7200.0, 'how long the kernel caches name lookups',
+           limits='0 to 365d', check=_between(0, 365 * 86400)),
+    Option('attr-timeout', 'duration', 7200.0, 'how long the kernel caches file attributes',
+           limits='0 to 365d', check=_between(0, 365 * 86400)),
     Option('max-idle-threads', 'int', 128,
-           'FUSE requests served concurrently (pyfuse3 max_tasks; libfuse max_idle_threads)'),
-    Option('store-concurrency', 'int', 32, 'store requests in flight (worker threads)'),
-    Option('request-timeout', 'duration', 30.0, 'timeout of one store request'),
+           'FUSE requests served concurrently (pyfuse3 max_tasks; libfuse max_idle_threads)',
+           limits='1 to 10000', check=_between(1, 10000)),
+    Option('store-concurrency', 'int', 32, 'store requests in flight (worker threads)',
+           limits='1 to 1024', check=_between(1, 1024)),
+    Option('request-timeout', 'duration', 30.0, 'timeout of one store request',
+           limits='more than 0, at most 1h', check=_between(0, 3600, above=True)),
     Option('retry-timeout', 'duration', 60.0,
-           'total time a failing store read is retried before the read fails with EIO'),
+           'total time a failing store read is retried before the read fails with EIO',
+           limits='more than 0, at most 1d', check=_between(0, 86400, above=True)),
     Option('read-ahead', 'size', 4 * MiB,
-           "kernel readahead of the mount (as root; 4M makes the kernel send 1 MiB reads)"),
+           "kernel readahead of the mount (as root; 4M makes the kernel send 1 MiB reads)",
+           limits='0 to 1G', check=_between(0, GiB)),
     Option('max-background', 'int', 64,
-           'FUSE background requests the kernel keeps in flight (as root)'),
+           'FUSE background requests the kernel keeps in flight (as root)',
+           limits='1 to 65535', check=_between(1, 65535)),
     Option('allow-other', 'flag', False, 'let other users read the mount'),
-    Option('uid', 'int', None, 'owner of every file (default: the daemon user)'),
-    Option('gid', 'int', None, 'group of every file (default: the daemon group)'),
-    Option('log-file', 'str', None, 'log to this file instead of stderr'),
+    Option('uid', 'int', None, 'owner of every file (default: the daemon user)',
+           limits=f'0 to {MAX_ID}', check=_between(0, MAX_ID)),
+    Option('gid', 'int', None, 'group of every file (default: the daemon group)',
+           limits=f'0 to {MAX_ID}', check=_between(0, MAX_ID)),
+    Option('log-file', 'str', None, 'log to this file instead of stderr',
+           limits='a file in an existing folder', check=_not_empty),
     Option('log-level', 'choice', 'info', 'log verbosity',
            ('debug', 'info', 'warning', 'error')),
     Option('metrics-addr', 'address', None,
-           'serve Prometheus metrics on HOST:PORT at /metrics (default: off)'),
+           'serve Prometheus metrics on HOST:PORT at /metrics (default: off)',
+           limits='HOST:PORT, port 1 to 65535'),
     Option('profile', 'str', None,
            'a set of defaults for a kind of work: "training" (epoch reads of immutable data: '
-           '24h kernel timeouts, listing kept until refresh, eviction auto, prefetch on)'),
+           '24h kernel timeouts, listing kept until refresh, eviction auto, prefetch on)',
+           limits='training, or a profile of the config file'),
     Option('config', 'str', None,
            'config file (default: ~/.config/cachefs/config.toml for non-root users, else '
-           '/etc/cachefs/config.toml, when it exists)'),
+           '/etc/cachefs/config.toml, when it exists)', limits='an existing file'),
 )
+
+# How a flag is written in -o, the environment and the config file (`-o allow_other=false`).
+FLAG_TRUE = frozenset({'1', 'true', 'yes', 'on'})
+FLAG_FALSE = frozenset({'0', 'false', 'no', 'off', ''})
 
 # mount(8)/fstab options that carry no meaning for cachefs.
 IGNORED_MOUNT_OPTIONS = {'ro', 'rw', 'defaults', 'auto', 'noauto', 'user', 'nouser', 'users',
@@ -101,28 +186,47 @@ IGNORED_MOUNT_OPTIONS = {'ro', 'rw', 'defaults', 'auto', 'noauto', 'user', 'nous
                          'async', 'owner', 'group', 'comment'}
 
 
+def _parse(option, text):
+    """Text -> the option's value, without its range check; ValueError with a message."""
+    if option.kind == 'size':
+        return parse_size(text)
+    if option.kind == 'duration':
+        return parse_duration(text)
+    if option.kind == 'int':
+        try:
+            return int(text)
+        except ValueError:
+            raise ValueError(f'not a whole number: {text!r}') from None
+    if option.kind == 'ratio':
+        try:
+            return float(text.rstrip('%')) / (100 if text.endswith('%') else 1)
+        except ValueError:
+            raise ValueError(f'not a ratio: {text!r} (examples: 0.1, 10%)') from None
+    if option.kind == 'address':
+        parse_address(text)
+        return text
+    if option.kind == 'size_or_percent':
+        if str(text).endswith('%'):
+            try:
+                float(text[:-1])
+            except ValueError:
+                raise ValueError(f'not a percentage: {text!r} (examples: 80%, 100G)') from None
+            return text
+        return parse_size(text)
+    return text
+
+
 def converter(option):
+    """The argparse `type` of an option: parse, then check the value against its range."""
     def convert(text):
         try:
-            if option.kind == 'size':
-                return parse_size(text)
-            if option.kind == 'duration':
-                return parse_duration(text)
-            if option.kind == 'int':
-                return int(text)
-            if option.kind == 'ratio':
-                value = float(text.rstrip('%')) / (100 if text.endswith('%') else 1)
-                if not 0 <= value < 1:
-                    raise ValueError(f'{text!r} is not a ratio between 0 and 1 (or 0% and 99%)')
-                return value
-            if option.kind == 'address':
-                parse_address(text)
-                return text
-            if option.kind == 'size_or_percent':
-                return text if str(text).endswith('%') and float(text[:-1]) <= 100 else parse_size(text)
-            return text
+            value = _parse(option, text)
+            if option.check is not None:
+                option.check(value)
+            return value
         except ValueError as exc:
-            raise argparse.ArgumentTypeError(str(exc)) from None
+            message = str(exc) or f'{text!r} is out of range: {option.limits}'
+            raise argparse.ArgumentTypeError(message) from None
     convert.__name__ = option.kind     # argparse names the type in its messages
     return convert
 
@@ -159,15 +263,20 @@ def add_mount_options(parser):
             parser.add_argument(flag, choices=option.choices, default=option.default,
                                 help=f'{option.help} (default: {option.default})')
         else:
-            shown = '' if option.default is None else f' (default: {option.default})'
+            shown = '; '.join(filter(None, [option.limits, '' if option.default is None
+                                            else f'default: {option.default}']))
             # argparse expands %-formats in help: '80%' must be written '80%%'
             parser.add_argument(flag, type=converter(option), default=option.default,
                                 metavar=option.kind.upper(),
-                                help=(option.help + shown).replace('%', '%%'))
+                                help=f'{option.help} ({shown})'.replace('%', '%%'))
 
 
 def expand_dash_o(argv):
-    """Rewrite `-o a=b,c` (and `-oa=b`) into `--a b --c`; drop generic mount(8) options."""
+    """Rewrite `-o a=b,c` (and `-oa=b`) into `--a=b --c`; drop generic mount(8) options.
+
+    A value is joined to its option (`--region=-x`), so that one starting with '-' is not taken
+    for an option. A flag may be given a value: `allow_other=true` sets it, `=false` leaves it
+    off."""
     known = {option.name: option for option in MOUNT_OPTIONS}
     extra = {'foreground': None}
     result = []
@@ -186,12 +295,17 @@ def expand_dash_o(argv):
                 option = known.get(name)
                 if option is None and name not in extra:
                     raise UserError(f'unknown mount option {item!r} in -o', EXIT_USAGE)
-                result.append('--' + name)
-                if option is not None and option.kind != 'flag':
-                    if not has_value:
-                        raise UserError(f'mount option {name!r} needs a value ({name}=...)',
-                                        EXIT_USAGE)
-                    result.append(setting)
+                if option is None or option.kind == 'flag':
+                    if has_value and setting.strip().lower() not in FLAG_TRUE | FLAG_FALSE:
+                        raise UserError(f'mount option {name!r} takes true or false, not '
+                                        f'{setting!r}', EXIT_USAGE)
+                    if not has_value or setting.strip().lower() in FLAG_TRUE:
+                        result.append('--' + name)
+                    continue
+                if not has_value:
+                    raise UserError(f'mount option {name!r} needs a value ({name}=...)',
+                                    EXIT_USAGE)
+                result.append(f'--{name}={setting}')
         else:
             result.append(arg)
     return result

@@ -26,7 +26,7 @@ try:
 except ModuleNotFoundError:     # Python 3.10
     import tomli as tomllib
 
-from .config import MOUNT_OPTIONS, converter
+from .config import FLAG_FALSE, FLAG_TRUE, MOUNT_OPTIONS, converter
 from .errors import EXIT_USAGE, UserError
 
 log = logging.getLogger(__name__)
@@ -51,8 +51,6 @@ PROFILES = {
 
 _OPTIONS = {option.name: option for option in MOUNT_OPTIONS}
 _NOT_IN_FILE = {'config'}
-_TRUE = {'1', 'true', 'yes', 'on'}
-_FALSE = {'0', 'false', 'no', 'off', ''}
 
 
 def user_config_path():
@@ -85,8 +83,8 @@ def convert(option, value, where):
         if isinstance(value, bool):
             return value
         text = str(value).strip().lower()
-        if text in _TRUE | _FALSE:
-            return text in _TRUE
+        if text in FLAG_TRUE | FLAG_FALSE:
+            return text in FLAG_TRUE
         raise UserError(f'{where}: {option.name} takes true or false, not {value!r}', EXIT_USAGE)
     if isinstance(value, (dict, list)) or isinstance(value, bool):
         raise UserError(f'{where}: {option.name} takes one value, not {value!r}', EXIT_USAGE)

@@ -4,6 +4,7 @@ import logging
 import os
 import re
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 from ..errors import EXIT_ACCESS, EXIT_USAGE, UserError
 from .errors import CredentialsMissing
@@ -64,20 +65,48 @@ def parse_source(text):
     return SourceURL(scheme, bucket, prefix + '/' if prefix else '')
 
 
-def check_endpoint(endpoint_url, where='--endpoint-url'):
-    """Refuse an endpoint URL that carries credentials ('http://KEY:SECRET@host:port')."""
-    if endpoint_url and _has_userinfo(endpoint_url if '://' in endpoint_url
-                                      else 'https://' + endpoint_url):
-        raise UserError(f'{where} must not hold credentials; {_CREDENTIALS_HELP}', EXIT_USAGE)
+def endpoint_problem(endpoint_url, scheme=None):
+    """Why `endpoint_url` cannot be a store endpoint (None: it can). Never quotes the URL, which
+    may hold credentials: 'http://KEY:SECRET@host:port' is refused without echoing it.
+
+    S3 needs http:// or https://; OSS also takes a bare host ('oss-cn-hangzhou.aliyuncs.com'),
+    as oss2 does. Any other scheme (ftp://, s3://) would only fail later, after retries."""
+    has_scheme = '://' in endpoint_url
+    if _has_userinfo(endpoint_url if has_scheme else 'https://' + endpoint_url):
+        return f'must not hold credentials; {_CREDENTIALS_HELP}'
+    if has_scheme:
+        url_scheme = endpoint_url.partition('://')[0].lower()
+        if url_scheme not in ('http', 'https'):
+            return f'unsupported scheme {url_scheme[:16]!r}: use http:// or https://'
+    elif scheme == 's3':
+        return 'an S3 endpoint needs http:// or https:// (e.g. http://127.0.0.1:8333)'
+    try:
+        parts = urlsplit(endpoint_url if has_scheme else 'https://' + endpoint_url)
+        parts.port                                      # raises on a bad port
+    except ValueError:
+        return 'not a valid URL (its port?)'
+    if not parts.hostname or any(c.isspace() for c in endpoint_url):
+        return 'names no host (e.g. http://127.0.0.1:8333 or oss-cn-hangzhou.aliyuncs.com)'
+    return None
+
+
+def check_endpoint(endpoint_url, where='--endpoint-url', scheme=None):
+    """Refuse an endpoint URL that carries credentials, has another scheme than http(s) or no
+    host, with one line (exit 2)."""
+    if not endpoint_url:
+        return
+    problem = endpoint_problem(endpoint_url, scheme)
+    if problem:
+        raise UserError(f'{where}: {problem}', EXIT_USAGE)
 
 
 def open_store(source, options):
     """Build the `Store` for a parsed source. Raises `UserError` for missing configuration."""
-    check_endpoint(getattr(options, 'endpoint_url', None))
+    check_endpoint(getattr(options, 'endpoint_url', None), scheme=source.scheme)
     if source.scheme == 's3':
-        check_endpoint(os.environ.get('AWS_ENDPOINT_URL'), 'AWS_ENDPOINT_URL')
+        check_endpoint(os.environ.get('AWS_ENDPOINT_URL'), 'AWS_ENDPOINT_URL', 's3')
     elif source.scheme == 'oss':
-        check_endpoint(os.environ.get('OSS_ENDPOINT'), 'OSS_ENDPOINT')
+        check_endpoint(os.environ.get('OSS_ENDPOINT'), 'OSS_ENDPOINT', 'oss')
     try:
         if source.scheme == 'file':
             from .local import LocalStore
