@@ -68,6 +68,10 @@ class _Answer:
         def release_conn():
             pass
 
+        @staticmethod
+        def close():
+            pass
+
 
 class _RedirectingSession:
     def __init__(self):

@@ -13,6 +13,7 @@ import oss2.defaults
 import oss2.exceptions
 import requests.exceptions
 
+from . import etags
 from .base import ObjectInfo, Store
 from .errors import (AccessDenied, BucketNotFound, CredentialsMissing, EndpointUnreachable,
                      ObjectChanged, ObjectNotFound, StoreError, TransientError)
@@ -87,17 +88,53 @@ class OssStore(Store):
 
     def read(self, key, etag, offset, length):
         what = f'reading {self.bucket_name}/{self.prefix}{key}'
-        # 'standard' makes an unsatisfiable range an error instead of a silent whole-object reply.
-        headers = {'If-Match': f'"{etag}"', 'x-oss-range-behavior': 'standard'}
+        result = None
         try:
+            # 'standard' makes an unsatisfiable range an error instead of a silent whole-object
+            # reply.
+            headers = {'If-Match': etags.if_match(etag), 'x-oss-range-behavior': 'standard'}
             result = self.bucket.get_object(self.prefix + key, byte_range=(offset, offset + length - 1),
                                             headers=headers)
-            data = result.read()
+            self._check_answer(result, etag, offset, length)
+            pieces, received = [], 0
+            while received < length:    # never more than the block, whatever comes after it
+                piece = result.read(length - received)
+                if not piece:
+                    break
+                pieces.append(piece)
+                received += len(piece)
+            data = pieces[0] if len(pieces) == 1 else b''.join(pieces)
+            if result.content_length is None and result.read(1):
+                raise TransientError('the store sent bytes past the end of the answer')
+            result = None
+        except StoreError as exc:
+            raise type(exc)(f'{what}: {exc}') from None
         except _SDK_ERRORS as exc:
             raise translate(exc, what) from None
+        finally:
+            if result is not None:
+                result.resp.response.close()    # unread bytes must not reach the next request
         if len(data) != length:
             raise TransientError(f'{what}: got {len(data)} bytes of {length}')
         return data
+
+    @staticmethod
+    def _check_answer(result, etag, offset, length):
+        """Before any of the body is read: a store or proxy that ignored Range (a 200 with the
+        whole object) is refused at once and not retried; an answer of another range or length
+        is retried; one of another version is `ObjectChanged` (the store or a proxy ignored
+        If-Match)."""
+        size = result.content_length
+        if result.status == 200 and (offset != 0 or (size is not None and size != length)):
+            raise StoreError(f'the store ignored the Range header (HTTP 200 of {size} bytes for '
+                             f'bytes {offset}-{offset + length - 1})')
+        if result.status == 206 and not (result.content_range or '').startswith(
+                f'bytes {offset}-{offset + length - 1}/'):
+            raise TransientError(f'asked for {offset}-{offset + length - 1}, got Content-Range '
+                                 f'{result.content_range!r}')
+        if size is not None and size != length:
+            raise TransientError(f'the store announced {size} bytes of {length}')
+        etags.check_answer(etag, result.headers.get('ETag'))
 
     def stat(self, key):
         try:

@@ -17,7 +17,8 @@ from botocore.config import Config
 
 from .base import ObjectInfo, Store
 from .errors import CredentialsMissing, EndpointUnreachable, StoreError, TransientError
-from .s3_get import RangedGetter, UseSdk, classify
+from . import etags
+from .s3_get import RangedGetter, UseSdk, check_ranged_answer, classify
 from .s3_list import Lister
 from .s3_trio import TrioGetter
 
@@ -170,13 +171,29 @@ class S3Store(Store):
                 self._getter = None
             except _SDK_ERRORS as exc:
                 raise translate(exc, what) from None
+        body = None
         try:
             response = self.client.get_object(
-                Bucket=self.bucket, Key=self.prefix + key, IfMatch=f'"{etag}"',
+                Bucket=self.bucket, Key=self.prefix + key, IfMatch=etags.if_match(etag),
                 Range=f'bytes={offset}-{offset + length - 1}')
-            data = response['Body'].read()
+            body = response['Body']
+            # The same checks as the lean paths', before any of the body is read.
+            metadata = response['ResponseMetadata']
+            headers = metadata.get('HTTPHeaders', {})
+            size = check_ranged_answer(metadata.get('HTTPStatusCode', 0),
+                                       lambda name: [headers[name]] if name in headers else [],
+                                       etag, offset, length)
+            data = body.read(length)
+            if size is None and body.read(1):
+                raise TransientError('the store sent bytes past the end of the answer')
+            body = None
+        except StoreError as exc:
+            raise type(exc)(f'{what}: {exc}') from None
         except _SDK_ERRORS as exc:
             raise translate(exc, what) from None
+        finally:
+            if body is not None:
+                body.close()        # unread bytes must not reach the next request
         if len(data) != length:
             raise TransientError(f'{what}: got {len(data)} bytes of {length}')
         return data

@@ -19,9 +19,11 @@ import logging
 import re
 from urllib.parse import quote, urlsplit, urlunsplit
 
+import urllib3.exceptions
 from botocore.auth import S3SigV4Auth
 from botocore.awsrequest import AWSRequest
 
+from . import etags
 from .errors import (AccessDenied, BucketNotFound, ObjectChanged, ObjectNotFound, StoreError,
                      TransientError)
 from .s3_sign import FastSigner
@@ -42,22 +44,64 @@ _TRANSIENT = {'SlowDown', 'Throttling', 'ThrottlingException', 'RequestTimeout',
               'ServiceUnavailable', 'RequestTimeTooSkewed', '500', '502', '503', '504'}
 
 
+_DIGITS = re.compile(r'[0-9]{1,19}')
+#: bytes of an error answer's body read for its <Code> (an S3 error XML is far smaller), and
+#: the seconds it may take (it comes with the answer's head, or soon after)
+MAX_ERROR_BODY = 64 * 1024
+ERROR_BODY_SECONDS = 1.0
+
+
 def range_headers(etag, offset, length):
-    """The headers of a ranged GET of one object version."""
-    return {'Range': f'bytes={offset}-{offset + length - 1}', 'If-Match': f'"{etag}"'}
+    """The headers of a ranged GET of one object version (an ETag that is not a valid header
+    value fails the read here, before anything is sent)."""
+    return {'Range': f'bytes={offset}-{offset + length - 1}', 'If-Match': etags.if_match(etag)}
 
 
-def check_ranged_answer(status, content_range, offset, length):
-    """A success answer must be for exactly the range asked: a store (or a cache in between)
-    that ignored the Range header, or answered another range, would otherwise hand us the wrong
-    bytes with the right length."""
-    if status == 200 and offset != 0:
-        raise TransientError('the store ignored the Range header')
+def content_length(values, transfer_encodings):
+    """The body length an answer announces, or None when it announces none.
+
+    `values` are its Content-Length header values, `transfer_encodings` its Transfer-Encoding
+    ones. Conflicting lengths (two headers, or "5, 7"), a length that is not digits, and a
+    length together with a Transfer-Encoding are refused (RFC 9112 6.3: such framing is the
+    stuff of request smuggling, and the bytes after it cannot be trusted); identical duplicates
+    are accepted, as the RFC allows.
+    """
+    lengths = {part.strip() for value in values for part in value.split(',')}
+    if not lengths:
+        return None
+    if transfer_encodings:
+        raise TransientError('an answer with both Content-Length and Transfer-Encoding')
+    if len(lengths) > 1 or not all(_DIGITS.fullmatch(part) for part in lengths):
+        raise TransientError(f'an answer with an invalid Content-Length {sorted(lengths)!r}')
+    return int(lengths.pop())
+
+
+def check_ranged_answer(status, header_values, etag, offset, length):
+    """Check a success answer's status line and headers before any of its body is read; return
+    its Content-Length (None: chunked).
+
+    `header_values(name)` is the list of the values of header `name`. The answer must be for
+    exactly the range asked: a store (or a cache in between) that answered another range would
+    hand us the wrong bytes with the right length. A store or proxy that ignores Range answers
+    200 with the whole object: refused at once, without reading it, and not retried (it would
+    ignore Range again, and each try makes it send the whole object). The answer must be of the
+    listed version where it says which (`etags.check_answer`).
+    """
+    size = content_length(header_values('content-length'), header_values('transfer-encoding'))
+    if status == 200 and (offset != 0 or (size is not None and size != length)):
+        raise StoreError(f'the store ignored the Range header (HTTP 200 of {size} bytes for '
+                         f'bytes {offset}-{offset + length - 1})')
     if status == 206:
         expected = f'bytes {offset}-{offset + length - 1}/'
-        if content_range is None or not content_range.startswith(expected):
+        content_range = header_values('content-range')
+        if len(content_range) != 1 or not content_range[0].startswith(expected):
             raise TransientError(f'asked for {expected[6:-1]}, got Content-Range '
                                  f'{content_range!r}')
+    if size is not None and size != length:
+        raise TransientError(f'the store announced {size} bytes of {length}')
+    for answered in header_values('etag'):
+        etags.check_answer(etag, answered)
+    return size
 
 
 def classify(code, status, message):
@@ -152,17 +196,40 @@ class RangedGetter(LeanRequests):
         """
         response = self._send(self._url(key), range_headers(etag, offset, length))
         body = response.raw
+        reusable = False
         try:
             status = response.status_code
             if status not in HANDLED:
                 raise UseSdk(f'HTTP {status}')
-            if status in (200, 206):
-                data = body.read()
-                if len(data) != length:
-                    raise TransientError(f'got {len(data)} bytes of {length}')
-                check_ranged_answer(status, response.headers.get('Content-Range'), offset,
-                                    length)
-                return data
-            return self._error(status, body.read(65536))
+            values = body.headers.getlist
+            if status not in (200, 206):
+                return self._error(status, self._error_body(body))
+            size = check_ranged_answer(status, values, etag, offset, length)
+            data = body.read(length)        # never more than the block, whatever comes after
+            if len(data) != length:
+                raise TransientError(f'got {len(data)} bytes of {length}')
+            if size is None and body.read(1):
+                raise TransientError('the store sent bytes past the end of the answer')
+            reusable = True
+            return data
         finally:
+            if not reusable:
+                body.close()                # unread bytes must not reach the next request
             body.release_conn()
+
+    @staticmethod
+    def _error_body(body):
+        """Up to 64 KiB of an error answer's body, read for at most a second; nothing when
+        only the close would end it (those waits would be the socket timeout's, in a thread
+        that holds a store slot). The connection is closed after it."""
+        values = body.headers.getlist
+        framed = 'chunked' in ','.join(values('transfer-encoding')).lower()
+        if not framed and content_length(values('content-length'), ()) is None:
+            return b''
+        sock = getattr(getattr(body, 'connection', None), 'sock', None)
+        if sock is not None:
+            sock.settimeout(ERROR_BODY_SECONDS)
+        try:
+            return body.read(MAX_ERROR_BODY)
+        except (OSError, urllib3.exceptions.HTTPError):
+            return b''                  # the status alone classifies the error

@@ -14,23 +14,45 @@ The answer is HTTP/1.1 with a Content-Length, read exactly: a short body, a conn
 early, a header block over 64 KiB, anything but one complete answer fails the attempt (and the
 connection is dropped, never reused after an error or a cancellation). An answer this path
 does not handle (a redirect, a chunked success body) raises `UseSdk`, as in `s3_get`.
+
+The parser is strict, because a pooled connection is only as good as the framing of the last
+answer on it: a status line or header line that is not RFC 9112's (folded lines, a space
+before the colon, control characters) fails the attempt; so do conflicting Content-Lengths and
+a Content-Length with a Transfer-Encoding (`s3_get.content_length`). The request's own header
+values are checked before sending (no CR, LF, NUL or other control character: a listed ETag
+with CR LF in it would otherwise write a second request onto the connection). An error
+answer's body is read for at most 64 KiB and one second, never until a close. A pooled
+connection is used for at most 1,000 requests and 5 minutes, and not after 15 s idle: servers
+and load balancers close idle connections (nginx after 1,000 requests, many after 5 to 60 s
+idle), and new connections follow DNS to the store's current front ends.
 """
 
+import re
+import select
 import ssl
+import time
 from urllib.parse import urlsplit
 
 import trio
 from botocore.auth import _host_from_url
 from botocore.httpsession import get_cert_path
 
-from .errors import EndpointUnreachable, TransientError
-from .s3_get import HANDLED, LeanRequests, UseSdk, check_ranged_answer, range_headers
+from .errors import EndpointUnreachable, StoreError, TransientError
+from .s3_get import (ERROR_BODY_SECONDS, HANDLED, MAX_ERROR_BODY, LeanRequests, UseSdk,
+                     check_ranged_answer, content_length, range_headers)
 
 _MAX_HEAD = 64 * 1024         # bytes of status line and headers
-_MAX_ERROR_BODY = 64 * 1024   # an error answer's XML is far smaller
 _RECEIVE = 256 * 1024
 _IDLE_CONNECTIONS = 64
+_MAX_IDLE_SECONDS = 15.0      # a pooled connection idle for longer is closed, not reused
+_MAX_AGE_SECONDS = 300.0      # nor is one opened longer ago
+_MAX_REQUESTS = 1000          # nor one that carried this many requests
 _BROKEN = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
+
+_STATUS_LINE = re.compile(r'HTTP/1\.([01]) ([0-9]{3})(?: [^\x00-\x08\x0a-\x1f\x7f]*)?')
+_HEADER_LINE = re.compile(r"([!#$%&'*+.^_`|~0-9A-Za-z-]+):[ \t]*([^\x00-\x08\x0a-\x1f\x7f]*?)"
+                          r'[ \t]*')
+_REQUEST_VALUE = re.compile(r'[\x20-\x7e\t]*')   # what a header value we send may hold
 
 
 class _Connection:
@@ -41,6 +63,8 @@ class _Connection:
         # Plain TCP: receive straight into the caller's buffer (no intermediate copy).
         self.socket = stream.socket if isinstance(stream, trio.SocketStream) else None
         self.pending = b''
+        self.opened = self.idle_since = time.monotonic()
+        self.requests = 0
 
     async def send(self, data):
         try:
@@ -76,12 +100,20 @@ class _Connection:
             raise TransientError('the store closed the connection')
         return count
 
-    def close(self):
-        """Drop the connection at once (no await: callable while being cancelled)."""
+    def _socket(self):
         stream = self.stream
         while not isinstance(stream, trio.SocketStream):
             stream = stream.transport_stream     # an SSLStream over a SocketStream
-        stream.socket.close()
+        return stream.socket
+
+    def close(self):
+        """Drop the connection at once (no await: callable while being cancelled)."""
+        self._socket().close()
+
+    def readable(self):
+        """Whether an idle connection has something to read: bytes the store sent after its
+        last answer (which must never be taken for the next answer) or its close."""
+        return bool(self.pending) or bool(select.select([self._socket()], [], [], 0)[0])
 
 
 def _reason(exc):
@@ -90,17 +122,27 @@ def _reason(exc):
 
 
 def _parse_head(head):
-    """(status, {lower-case header: value}) of a response's status line and headers."""
+    """(status, HTTP minor version, {lower-case header: [values]}) of an answer's status line
+    and header lines (`head`: the bytes before the blank line). Raises `TransientError` for
+    anything RFC 9112 does not allow there."""
     lines = head.decode('latin-1').split('\r\n')
-    parts = lines[0].split(' ', 2)
-    if len(parts) < 2 or not parts[0].startswith('HTTP/1.') or not parts[1].isdigit():
+    status = _STATUS_LINE.fullmatch(lines[0])
+    if status is None:
         raise TransientError(f'not an HTTP/1.x answer: {lines[0][:80]!r}')
     headers = {}
     for line in lines[1:]:
-        name, colon, value = line.partition(':')
-        if colon:
-            headers[name.strip().lower()] = value.strip()
-    return int(parts[1]), headers
+        header = _HEADER_LINE.fullmatch(line)
+        if header is None:
+            raise TransientError(f'a malformed header line {line[:80]!r}')
+        headers.setdefault(header.group(1).lower(), []).append(header.group(2))
+    return int(status.group(2)), int(status.group(1)), headers
+
+
+def _keep_alive(version, headers):
+    """Whether the connection may carry another request after this answer."""
+    tokens = {token.strip().lower() for value in headers.get('connection', ())
+              for token in value.split(',')}
+    return 'close' not in tokens and (version == 1 or 'keep-alive' in tokens)
 
 
 class TrioGetter(LeanRequests):
@@ -159,17 +201,16 @@ class TrioGetter(LeanRequests):
                 connection, reused = await self._connection(new=True)
                 await connection.send(request)
                 head = await self._read_head(connection)
-            status, headers = _parse_head(head)
+            status, version, headers = _parse_head(head)
             if status not in HANDLED:
                 raise UseSdk(f'HTTP {status}')
             if status not in (200, 206):
                 return self._error(status, await self._error_body(connection, headers))
-            check_ranged_answer(status, headers.get('content-range'), offset, length)
-            size = headers.get('content-length')
-            if 'chunked' in headers.get('transfer-encoding', '').lower() or size is None:
+            # Status, length, range and version are checked before any of the body is read.
+            size = check_ranged_answer(status, lambda name: headers.get(name, []), etag,
+                                       offset, length)
+            if size is None:
                 raise UseSdk('a success answer without a Content-Length')
-            if int(size) != length:
-                raise TransientError(f'the store announced {size} bytes of {length}')
             data = bytearray(length)
             view = memoryview(data)
             received = 0
@@ -177,10 +218,14 @@ class TrioGetter(LeanRequests):
                 received += await connection.receive_into(view[received:])
             if connection.pending:
                 raise TransientError('the store sent bytes past the end of the answer')
-            keep = headers.get('connection', '').lower() != 'close'
+            keep = _keep_alive(version, headers)
             return data
         finally:
-            if keep and len(self._idle) < _IDLE_CONNECTIONS:
+            now = time.monotonic()
+            if keep and len(self._idle) < _IDLE_CONNECTIONS and \
+                    connection.requests < _MAX_REQUESTS and \
+                    now - connection.opened < _MAX_AGE_SECONDS:
+                connection.idle_since = now
                 self._idle.append(connection)
             else:
                 connection.close()
@@ -192,12 +237,25 @@ class TrioGetter(LeanRequests):
         lines += [f'{name}: {value}' for name, value in self._signed_headers(url, headers).items()
                   if name.lower() != 'host']
         lines.append('Accept-Encoding: identity')
+        for line in lines[1:]:
+            if not _REQUEST_VALUE.fullmatch(line):
+                raise StoreError(f'refusing to send a header with a control character: '
+                                 f'{line[:80]!r}')
         return ('\r\n'.join(lines) + '\r\n\r\n').encode('latin-1')
 
     async def _connection(self, new=False):
         """(connection, reused): an idle pooled connection, else a new one."""
-        if self._idle and not new:
-            return self._idle.pop(), True
+        # The pool is in the order connections went idle: the stale ones are at its start.
+        now = time.monotonic()
+        while self._idle and now - self._idle[0].idle_since > _MAX_IDLE_SECONDS:
+            self._idle.pop(0).close()
+        while self._idle and not new:
+            connection = self._idle.pop()
+            if connection.readable():
+                connection.close()
+                continue
+            connection.requests += 1
+            return connection, True
         try:
             stream = await trio.open_tcp_stream(self._host, self._port)
         except OSError as exc:
@@ -212,14 +270,17 @@ class TrioGetter(LeanRequests):
                 stream.transport_stream.socket.close()
                 raise EndpointUnreachable(f'TLS with {self._host}:{self._port} failed: '
                                           f'{exc}') from None
-        return _Connection(stream), False
+        connection = _Connection(stream)
+        connection.requests = 1
+        return connection, False
 
     @staticmethod
     async def _read_head(connection):
         received = bytearray()
         while True:
+            searched = max(0, len(received) - 3)
             received += await connection.receive()
-            end = received.find(b'\r\n\r\n')
+            end = received.find(b'\r\n\r\n', searched)
             if end >= 0:
                 connection.pending = bytes(received[end + 4:])
                 return bytes(received[:end])
@@ -228,14 +289,19 @@ class TrioGetter(LeanRequests):
 
     @staticmethod
     async def _error_body(connection, headers):
-        """Up to 64 KiB of an error answer's body (the connection is not reused after it)."""
-        body = bytearray(connection.pending)
+        """Up to 64 KiB of an error answer's body, for at most a second (the connection is not
+        reused after it). A body that only a close would end is not waited for."""
+        body = bytearray(connection.pending[:MAX_ERROR_BODY])
         connection.pending = b''
-        size = headers.get('content-length')
-        wanted = min(int(size), _MAX_ERROR_BODY) if size is not None else _MAX_ERROR_BODY
-        while len(body) < wanted and b'</Error>' not in body:
-            try:
-                body += await connection.receive()
-            except TransientError:
-                break
-        return bytes(body)
+        size = content_length(headers.get('content-length', ()),
+                              headers.get('transfer-encoding', ()))
+        if size is None and not headers.get('transfer-encoding'):
+            return bytes(body)
+        wanted = min(size, MAX_ERROR_BODY) if size is not None else MAX_ERROR_BODY
+        with trio.move_on_after(ERROR_BODY_SECONDS):
+            while len(body) < wanted and b'</Error>' not in body:
+                try:
+                    body += await connection.receive()
+                except TransientError:
+                    break
+        return bytes(body[:MAX_ERROR_BODY])
