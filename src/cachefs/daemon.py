@@ -220,6 +220,7 @@ class Daemon:
             'disk_used_bytes': disk.used if disk else 0,
             'disk_capacity_bytes': disk.capacity if disk else 0,
             'disk_index_ready': disk.index_ready if disk else True,
+            'disk_offline': disk.offline if disk else False,
             'disk_writes': disk_counters.writes if disk else 0,
             'disk_writes_pending': self.cache.disk_writes_pending,
             'disk_write_bytes': disk_counters.write_bytes if disk else 0,

@@ -18,24 +18,44 @@ leaves memory (evicted from the memory tier, or dropped from the prefetch buffer
 nothing has been read for a moment, or at unmount. Why: during a cold epoch the SSD writes
 compete with the fetches for CPU and disk (a cold epoch of the bench's shards ran at 234 MiB/s
 without the SSD tier and 169 MiB/s with write-through; bench/RESULTS.md). Until written, the
-block is served from memory. Blocks on their way to the SSD stay readable; when the SSD is
-slower than the store, fetchers wait for room in that queue rather than skip the SSD. A kill -9
+block is served from memory. Blocks on their way to the SSD stay readable. The write queue
+holds up to _MIN_QUEUED_BLOCKS blocks of its own (as the writers' buffers would) and, beyond
+those, up to half of --memory-cache-size, charged to the memory tier (its LRU shrinks while they
+wait): the daemon's block memory stays within --memory-cache-size + --prefetch-memory + those few
+blocks. When the SSD is slower than the store and the queue is full, a block leaving memory is
+dropped from the SSD path (counted as a skipped write) rather than make fetchers wait. A kill -9
 loses the blocks not yet written, which the next epoch fetches again: a cache, never data.
+
+A disk that stops answering: every SSD read, write, unlink and probe runs in a worker thread of
+the SSD tier's own pool (_DISK_THREADS, apart from trio's default pool and the store's) under a
+deadline that includes the wait for a thread. A read that misses its deadline is served from the
+store; any call that misses its deadline takes the SSD tier offline (one warning): the calls
+under way are abandoned at once, nothing more is sent to the disk, the write queue is dropped,
+reads go on from memory and the store, and the unmount writes nothing. A thread stuck in the dead disk's syscall cannot be cancelled: it is
+abandoned, and keeps its slot of the SSD pool until the disk answers, so at most _DISK_THREADS
+threads ever wait on a dead disk. Every PROBE_INTERVAL seconds a probe (write, fsync, read back,
+remove a small file) tries the disk; when it answers, the tier is back online.
 
 Concurrency rules (S3QL style; written once, here):
 - Everything in this module runs on the one trio thread. Blocking work (store requests, SSD reads
-  that would wait for the disk, SSD writes, unlinks, the start-up scan) runs in worker threads
-  through functions that touch no shared state; their results are applied on the trio thread.
-  So the tiers and their indexes need no lock, and a cache hit takes none.
+  that would wait for the disk, SSD writes, unlinks, the start-up probe and scan) runs in worker
+  threads through functions that touch no shared state; their results are applied on the trio
+  thread. So the tiers and their indexes need no lock, and a cache hit takes none. Every SSD
+  call in a thread has a deadline (above); none is waited for once the tier is offline.
 - A memory hit, and an SSD hit whose pages are in the kernel page cache (read with
   RWF_NOWAIT), never yield to the event loop.
-- The one exception to "blocking work runs in threads": an SSD read of up to 256 KiB that is not
-  in the page cache is made on the trio thread, while such reads stay fast (under 2 ms on
-  average and 50 ms at most; here the median is 0.4 ms, the 99.9th percentile 6 ms). For small
-  files the thread hand-off costs more CPU than the read: a warm epoch over 20,000 small files
-  with the page cache dropped went from 1,099 to 1,478 files/s (bench/profile_epoch.py
-  small-warm). Slow reads send them to worker threads for 5 s, so a sick disk holds the FUSE
-  loop for at most one slow read every 5 s.
+- The one exception to "blocking work runs in threads": on a file system that takes RWF_NOWAIT
+  (a local disk: ext4, xfs, btrfs; learnt by the start-up probe, in a thread), an SSD read of
+  up to 256 KiB that is not in the page cache is made on the trio thread, while such reads stay
+  fast (under 2 ms on average and 50 ms at most; here the median is 0.4 ms, the 99.9th
+  percentile 6 ms). For small files the thread hand-off costs more CPU than the read: a warm
+  epoch over 20,000 small files with the page cache dropped went from 1,099 to 1,478 files/s
+  (bench/profile_epoch.py small-warm). Slow reads send them to worker threads for 5 s, so a
+  sick disk holds the FUSE loop for at most one slow read every 5 s. Known limit: a local disk
+  that stops answering in the middle of such a read (or of the open() of a block file whose
+  folder entry is not cached) holds the loop until the kernel fails the I/O (NVMe: about 30 s);
+  the tier then goes offline. On FUSE, network file systems and tmpfs (no RWF_NOWAIT), where
+  even an open() is a request to someone else, every SSD read runs in a thread.
 - A missing block is fetched once: the first reader (or the prefetcher) registers a `_Fetch`;
   later readers of that block wait on it and share its bytes or its error. If the fetching task
   is cancelled, a waiter fetches the block itself.
@@ -56,12 +76,16 @@ from collections import OrderedDict
 import cachetools
 import trio
 
-from .disk import CorruptBlock, disk_free, read_block_file, scan, unlink_quietly, write_block_file
+from .disk import (PROBE_INTERVAL, CorruptBlock, disk_free, probe, read_block_file, scan,
+                   unlink_quietly, write_block_file)
 from .memory import MemoryTier
 
 log = logging.getLogger(__name__)
 
-_WRITE_QUEUE = 64            # blocks waiting for the SSD; beyond that, fetchers wait (backpressure)
+_MIN_QUEUED_BLOCKS = 8       # blocks that may wait for the SSD outside the memory tier's budget
+_DISK_THREADS = 16           # worker threads for SSD I/O (their own pool: see "A disk that ...")
+_DISK_READ_DEADLINE = 5.0    # an SSD read that takes longer is served from the store ...
+_DISK_DEADLINE = 15.0        # ... and any SSD call that takes longer takes the tier offline
 _INLINE_READ_MAX = 262144    # SSD reads up to this size may run on the trio thread ...
 _SLOW_INLINE_READ = 0.002    # ... while they take less than this on average ...
 _STALLED_INLINE_READ = 0.05  # ... and none takes longer than this ...
@@ -71,6 +95,10 @@ _SEQUENTIAL_SLACK = 8 << 20  # the kernel's parallel readahead arrives slightly 
 _UNREAD_PREFETCH_TTL = 30.0  # an unread prefetched block older than this was abandoned
 _HEADER_ALLOWANCE = 8192     # a block file's header and alignment, reserved before writing
 FAILURE_MEMORY_SECONDS = 0.5  # how long a failed block keeps failing without a new fetch
+
+
+class _DiskOffline(Exception):
+    """The SSD tier is offline, or a call to it just missed its deadline."""
 
 
 class _Fetch:
@@ -114,7 +142,7 @@ class CacheCounters:
 
 class BlockCache:
     def __init__(self, store, block_size, memory_bytes, disk=None, prefetch_window=0,
-                 prefetch_memory=0, idle_after=_IDLE):
+                 prefetch_memory=0, idle_after=_IDLE, probe_interval=PROBE_INTERVAL):
         self.store = store
         self.idle_after = idle_after
         self.block_size = block_size
@@ -128,7 +156,7 @@ class BlockCache:
         self._prefetched = OrderedDict()
         self._prefetched_bytes = 0
         self._pending = {}
-        self._nowait_works = True
+        self._nowait_works = False      # until the start-up probe says the disk takes RWF_NOWAIT
         self._inline_reads_after = 0.0  # time.monotonic() from which small SSD reads run inline
         self._inline_read_time = 0.0    # their moving average, seconds
         # A block whose fetch just failed fails again at once for a moment: the kernel asks
@@ -142,8 +170,19 @@ class BlockCache:
         self._unwritten = {}
         self._write_queue = OrderedDict()       # block_id -> data
         self._writing = {}                      # block_id -> data, in a writer's hands
+        self._queued_bytes = 0                  # in both
+        # Their room: a few blocks of their own (as the writers' buffers), and beyond those up
+        # to half the memory tier, charged to it (its LRU shrinks while they wait). The queued
+        # blocks still held in memory too (queued while idle, or at unmount) are not charged.
+        self._queue_allowance = _MIN_QUEUED_BLOCKS * block_size
+        self._queue_limit = self._queue_allowance + memory_bytes // 2
+        self._not_charged = set()
+        self._left_memory_bytes = 0     # queued bytes no longer held in memory
         self._writers = trio.lowlevel.ParkingLot()    # writers waiting for work
-        self._queue_room = trio.lowlevel.ParkingLot()  # fetchers waiting for queue room
+        self._queue_room = trio.lowlevel.ParkingLot()  # woken when a write ends, or at offline
+        self._disk_limiter = trio.CapacityLimiter(_DISK_THREADS)
+        self._disk_calls = set()        # cancel scopes of the disk calls under way
+        self.probe_interval = probe_interval
         self._store_fetches = 0
         self._last_activity = 0.0       # the last read or store fetch, time.monotonic()
 
@@ -162,18 +201,80 @@ class BlockCache:
             await trio.sleep_forever()
 
     async def _index_disk(self):
-        found = await trio.to_thread.run_sync(scan, self.disk.folder)
+        try:
+            self._nowait_works = await self._disk_call(_DISK_DEADLINE, probe, self.disk.folder)
+            # No deadline for the scan of a big cache; reads do not wait for it.
+            found = await self._disk_call(None, scan, self.disk.folder)
+        except _DiskOffline:
+            return
+        except OSError as exc:
+            self._disk_stuck(f'the start-up probe failed ({exc.strerror})')
+            return
         self.disk.merge_scan(found)
         self._enforce_disk_limits(self.disk.admission(0))
 
     def _enforce_disk_limits(self, victims):
         if victims:
-            self._nursery.start_soon(self._unlink, victims)
+            self._nursery.start_soon(self._unlink_quietly, victims)
 
     async def _unlink(self, names):
         for name in names:
             self._headers.pop(name, None)
-        await trio.to_thread.run_sync(unlink_quietly, [self.disk.path(n) for n in names])
+        await self._disk_call(_DISK_DEADLINE, unlink_quietly, [self.disk.path(n) for n in names])
+
+    async def _unlink_quietly(self, names):
+        try:
+            await self._unlink(names)
+        except _DiskOffline:
+            pass
+
+    # -- a disk that stops answering --
+
+    async def _disk_call(self, deadline, fn, *args, probing=False):
+        """fn(*args) in a thread of the SSD tier's pool, within `deadline` seconds (None: no
+        limit) counted from now, waiting for a thread included. Raises _DiskOffline when the
+        tier is offline, or when the call misses its deadline, which takes the tier offline."""
+        if self.disk.offline and not probing:
+            raise _DiskOffline
+        with trio.move_on_after(float('inf') if deadline is None else deadline) as scope:
+            self._disk_calls.add(scope)
+            try:
+                # abandon_on_cancel: a thread stuck in the disk's syscall cannot be interrupted;
+                # it keeps its slot in _disk_limiter (not trio's default pool) until it returns.
+                return await trio.to_thread.run_sync(fn, *args, limiter=self._disk_limiter,
+                                                     abandon_on_cancel=True)
+            finally:
+                self._disk_calls.discard(scope)
+        if not probing:
+            self._disk_stuck(f'{fn.__name__} took more than {deadline:g} s')
+        raise _DiskOffline
+
+    def _disk_stuck(self, reason):
+        """Stop using the disk: drop the write queue (a cache, never data), forget what was to
+        be written, wake whoever waits for the queue, and probe the disk until it answers."""
+        if self.disk.offline:
+            return
+        self.disk.go_offline(reason)
+        for scope in self._disk_calls:     # nobody waits for the other calls under way
+            scope.cancel()
+        self._unwritten.clear()
+        while self._write_queue:
+            block_id, data = self._write_queue.popitem(last=False)
+            self._unqueue(block_id, data)
+            self.disk.counters.skipped_writes += 1
+        self._queue_room.unpark_all()
+        self._nursery.start_soon(self._probe_until_back)
+
+    async def _probe_until_back(self):
+        while True:
+            await trio.sleep(self.probe_interval)
+            try:
+                await self._disk_call(_DISK_DEADLINE, probe, self.disk.folder, probing=True)
+            except (_DiskOffline, OSError) as exc:
+                log.debug('the SSD tier still does not answer: %r', exc)
+                continue
+            self.disk.back_online()
+            return
 
     # -- reads --
 
@@ -226,7 +327,7 @@ class BlockCache:
     async def _read_disk(self, block_id, start, length, in_thread=False):
         disk = self.disk
         name = disk.name(block_id)
-        if not disk.may_hold(name):
+        if disk.offline or not disk.may_hold(name):
             return None
         path = disk.path(name)
         header = self._headers.get(name)
@@ -237,21 +338,24 @@ class BlockCache:
                 header, data = read_block_file(path, block_id, start, length, header,
                                                os.RWF_NOWAIT)
             except BlockingIOError:
-                if not in_thread and length <= _INLINE_READ_MAX and \
+                if not in_thread and self._nowait_works and length <= _INLINE_READ_MAX and \
                         time.monotonic() >= self._inline_reads_after:
                     header, data = self._read_inline(path, block_id, start, length, header)
                 else:
-                    header, data = await trio.to_thread.run_sync(
-                        read_block_file, path, block_id, start, length, header)
+                    header, data = await self._disk_call(
+                        _DISK_READ_DEADLINE, read_block_file, path, block_id, start, length,
+                        header)
             except OSError as exc:
                 if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
                     raise
-                # tmpfs, and overlayfs on older kernels, refuse RWF_NOWAIT: read in threads.
+                # overlayfs on older kernels refuses RWF_NOWAIT on some files: read in threads.
                 log.info('the cache file system does not support RWF_NOWAIT; SSD reads go '
                          'through worker threads')
                 self._nowait_works = False
-                header, data = await trio.to_thread.run_sync(
-                    read_block_file, path, block_id, start, length, header)
+                header, data = await self._disk_call(
+                    _DISK_READ_DEADLINE, read_block_file, path, block_id, start, length, header)
+        except _DiskOffline:
+            return None         # the tier is offline now: the caller reads from the store
         except FileNotFoundError:
             self._headers.pop(name, None)
             disk.forget(name)
@@ -325,7 +429,7 @@ class BlockCache:
             raise
         else:
             fetch.data = data
-            if self.disk is not None:
+            if self.disk is not None and not self.disk.offline:
                 self._unwritten[block_id] = None
             if prefetch:
                 self._keep_prefetched(block_id, data)
@@ -336,11 +440,6 @@ class BlockCache:
             self._last_activity = time.monotonic()
             del self._pending[block_id]
             fetch.done.set()
-        # After the waiters are released: evictions may have filled the SSD write queue.
-        while len(self._write_queue) >= _WRITE_QUEUE:
-            # The SSD is slower than the store: slow the fetchers down rather than skip blocks
-            # that the next epoch would then have to fetch again.
-            await self._queue_room.park()
         return data
 
     def _put_in_memory(self, block_id, data):
@@ -357,7 +456,7 @@ class BlockCache:
             if block_id in self.memory or block_id in self._prefetched or \
                     self._on_its_way_to_disk(block_id) is not None:
                 held += 1
-            elif self.disk is not None:
+            elif self.disk is not None and not self.disk.offline:
                 name = self.disk.name(block_id)
                 if self.disk.holds(name) or (not self.disk.index_ready
                                              and os.path.exists(self.disk.path(name))):
@@ -370,11 +469,42 @@ class BlockCache:
         """A block leaves memory: queue it for the SSD if it is not there yet."""
         if block_id in self._unwritten:
             del self._unwritten[block_id]
-            self._queue_for_disk(block_id, data)
+            self._queue_for_disk(block_id, data, charged=True)
+        elif block_id in self._not_charged:
+            # queued while it was held in memory: its bytes now count against the memory tier
+            self._not_charged.discard(block_id)
+            self._charge(len(data))
 
-    def _queue_for_disk(self, block_id, data):
+    def _queue_for_disk(self, block_id, data, charged):
+        """Queue a block for the SSD if there is room (else drop it from the SSD path: a cache,
+        never data); `charged`: the block is no longer held in memory, its bytes count against
+        the memory tier while it waits. False when dropped."""
+        if self.disk.offline or self._queued_bytes + len(data) > self._queue_limit:
+            self.disk.counters.skipped_writes += 1
+            return False
         self._write_queue[block_id] = data
+        self._queued_bytes += len(data)
+        if charged:
+            self._charge(len(data))
+        else:
+            self._not_charged.add(block_id)
         self._writers.unpark()
+        return True
+
+    def _unqueue(self, block_id, data):
+        """A queued block leaves the queue (written, failed or dropped)."""
+        self._queued_bytes -= len(data)
+        if block_id in self._not_charged:
+            self._not_charged.discard(block_id)
+        else:
+            self._charge(-len(data))
+
+    def _charge(self, nbytes):
+        """Queued bytes no longer held in memory change by `nbytes`: charge those beyond the
+        queue's own allowance to the memory tier."""
+        self._left_memory_bytes += nbytes
+        self.memory.charge(max(0, self._left_memory_bytes - self._queue_allowance) -
+                           self.memory.charged)
 
     def _on_its_way_to_disk(self, block_id):
         """The data of a block queued for the SSD or being written, else None."""
@@ -388,15 +518,16 @@ class BlockCache:
             data = entry.data if entry is not None else None
         return data
 
-    def _queue_unwritten(self, limit):
-        """Queue up to `limit` of the oldest unwritten blocks for the SSD."""
-        while self._unwritten and limit > 0:
+    def _queue_unwritten(self):
+        """Queue the oldest unwritten blocks for the SSD, while the queue has room."""
+        while self._unwritten and not self.disk.offline:
             block_id = next(iter(self._unwritten))
-            del self._unwritten[block_id]
             data = self._held_in_memory(block_id)
+            if data is not None and self._queued_bytes + len(data) > self._queue_limit:
+                return
+            del self._unwritten[block_id]
             if data is not None:
-                self._queue_for_disk(block_id, data)
-                limit -= 1
+                self._queue_for_disk(block_id, data, charged=False)
 
     async def _write_when_idle(self):
         """Write the blocks held in memory once nothing was read or fetched for `idle_after`
@@ -404,18 +535,20 @@ class BlockCache:
         while True:
             idle = time.monotonic() - self._last_activity >= self.idle_after
             if self._unwritten and idle and not self._store_fetches:
-                self._queue_unwritten(_WRITE_QUEUE - len(self._write_queue))
+                self._queue_unwritten()
             if self._write_queue or self._writing:
                 await self._queue_room.park()     # until a writer finishes a block
             else:
                 await trio.sleep(min(self.idle_after / 4, 0.25))
 
     async def flush(self):
-        """Write every block not yet on the SSD (at unmount)."""
+        """Write every block not yet on the SSD (at unmount); nothing when the tier is offline."""
         if self.disk is None:
             return
-        self._queue_unwritten(len(self._unwritten))
-        while self._write_queue or self._writing:
+        while not self.disk.offline:
+            self._queue_unwritten()
+            if not (self._write_queue or self._writing):
+                return
             await self._queue_room.park()
 
     async def _disk_writer(self):
@@ -430,6 +563,7 @@ class BlockCache:
                 await self._write_block(disk, block_id, data)
             finally:
                 del self._writing[block_id]
+                self._unqueue(block_id, data)
                 self._queue_room.unpark_all()
 
     async def _write_block(self, disk, block_id, data):
@@ -442,8 +576,11 @@ class BlockCache:
         try:
             if victims:
                 await self._unlink(victims)
-            size, free, total = await trio.to_thread.run_sync(
-                _write_and_measure, disk.path(name), block_id, data)
+            size, free, total = await self._disk_call(
+                _DISK_DEADLINE, _write_and_measure, disk.path(name), block_id, data)
+        except _DiskOffline:
+            disk.write_abandoned(reserved)
+            return
         except OSError as exc:
             disk.write_failed(reserved, exc)
             return
@@ -452,6 +589,11 @@ class BlockCache:
     @property
     def disk_writes_pending(self):
         return len(self._unwritten) + len(self._write_queue) + len(self._writing)
+
+    @property
+    def disk_queue_bytes(self):
+        """Bytes of the blocks queued for the SSD or being written."""
+        return self._queued_bytes
 
     # -- prefetch --
 

@@ -40,6 +40,7 @@ _ALIGN = 4096
 CHUNK_SIZE = 256 * 1024
 SUFFIX = '.blk'
 _NO_SPACE = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG}
+PROBE_INTERVAL = 30.0   # seconds between probes of an offline disk (cache/blocks.py)
 
 
 class CorruptBlock(Exception):
@@ -255,6 +256,41 @@ def write_block_file(path, block_id, data):
         raise
 
 
+def probe(folder):
+    """Write, fsync, read back and remove a small file in `folder`: the disk answers when this
+    returns. Returns whether the file system takes RWF_NOWAIT reads (ext4, xfs and btrfs do;
+    FUSE, NFS and tmpfs do not). A disk that refuses writes (full, read-only) still answers."""
+    path = os.path.join(folder, f'.probe.{os.getpid()}.{threading.get_ident()}')
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        if exc.errno in _NO_SPACE:
+            return False
+        raise
+    try:
+        try:
+            os.write(fd, bytes(_ALIGN))
+            os.fsync(fd)
+        except OSError as exc:
+            if exc.errno not in _NO_SPACE:
+                raise
+        try:
+            os.preadv(fd, [bytearray(_ALIGN)], 0, os.RWF_NOWAIT)
+            return True
+        except BlockingIOError:
+            return True
+        except OSError as exc:
+            if exc.errno in (errno.EOPNOTSUPP, errno.EINVAL):
+                return False
+            raise
+    finally:
+        os.close(fd)
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+
+
 def scan(blocks_dir):
     """List the block files on disk (name, size, mtime), deleting leftovers of interrupted
     writes. Runs in a worker thread at start, while the mount already serves: the temporary
@@ -311,6 +347,8 @@ class DiskCounters:
 class DiskTier:
     """Index and policy of the block files (trio thread only; I/O goes through the functions
     above, in worker threads, or inline with RWF_NOWAIT)."""
+
+    offline = False     # the disk stopped answering: no I/O is sent to it (go_offline)
 
     def __init__(self, folder, block_size, capacity, min_free_ratio, eviction):
         self.folder = os.path.join(folder, 'blocks')
@@ -411,6 +449,24 @@ class DiskTier:
         self._warn_once(f'free space on the cache disk is below {self.min_free_ratio:.0%}; '
                         'evicting blocks and pausing admission')
         return self._pick_victims(shortage)
+
+    def go_offline(self, reason):
+        """The disk missed a deadline: the block cache sends it nothing more until a probe
+        answers (one warning per episode)."""
+        if not self.offline:
+            self.offline = True
+            self._offline_since = time.monotonic()
+            log.warning('SSD tier offline: %s; reads continue from memory and the store, and the '
+                        'disk is probed again every %.0f s', reason, PROBE_INTERVAL)
+
+    def back_online(self):
+        self.offline = False
+        log.info('SSD tier back online after %.0f s', time.monotonic() - self._offline_since)
+
+    def write_abandoned(self, reserved):
+        """A write that missed its deadline: settle its reservation. (Its thread may still
+        finish it; the next start's scan finds such a file.)"""
+        self.used -= reserved
 
     def write_failed(self, reserved, exc):
         self.used -= reserved
