@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from cachefs.cache.disk import (CHUNK_SIZE, CorruptBlock, DiskTier, parse_header,
+from cachefs.cache.disk import (CHUNK_SIZE, TEMP_TAG, CorruptBlock, DiskTier, parse_header,
                                 read_block_file, scan, write_block_file)
 
 BLOCK_ID = ('dir/shard-0.tfrecord', 'etag-1', 3)
@@ -93,7 +93,7 @@ def test_files_are_private_and_interrupted_writes_are_cleaned_by_the_scan(block,
     assert path.stat().st_mode & 0o777 == 0o600
     pid = 1 if os.getpid() != 1 else 2
     (path.parent / f'x.blk.tmp{pid}-456').write_bytes(b'half')
-    ours = path.parent / f'y.blk.tmp{os.getpid()}-789'
+    ours = path.parent / f'y.blk{TEMP_TAG}789'
     ours.write_bytes(b'being written')
     found = scan(str(tmp_path))
     assert [name for name, _, _ in found] == ['ab/block.blk']

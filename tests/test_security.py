@@ -233,7 +233,8 @@ def test_allow_other_is_off_unless_asked_for(local_source, mounter):
         raise AssertionError(f'{path} is not mounted')
     plain = mounter.mount(local_source)
     assert 'allow_other' not in super_options(plain.path)
-    opened = mounter.mount(local_source, '--allow-other', name='shared')
+    opened = mounter.mount(local_source, '--allow-other', name='shared',
+                           cache_dir=mounter.tmp_path / 'cache-shared')   # one daemon per folder
     assert 'allow_other' in super_options(opened.path)
 
 

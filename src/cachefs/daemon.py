@@ -21,6 +21,7 @@ import pyfuse3
 import trio
 
 from . import mounts
+from .cache import folder as cache_folder
 from .cache.blocks import BlockCache
 from .cache.disk import DiskTier, disk_free
 from .cache.listing import load_listing, save_listing
@@ -45,7 +46,6 @@ _FLUSH_TIMEOUT = 30   # seconds spent writing blocks held in memory to the SSD a
 _DETACH_POLL = 1.0    # seconds between checks that the mount is still attached (lazy unmount)
 
 
-
 def source_folder_name(source, endpoint_url):
     """A readable, unique folder name per source (and endpoint: one bucket name, two stores)."""
     identity = f'{source}|{endpoint_url or ""}'
@@ -54,18 +54,9 @@ def source_folder_name(source, endpoint_url):
     return f'{source.scheme}-{readable}-{digest}'
 
 
-def prepare_cache_folder(cache_dir, name):
-    folder = os.path.join(cache_dir, name)
-    try:
-        os.makedirs(folder, mode=0o700, exist_ok=True)
-        os.chmod(folder, 0o700)
-        probe = os.path.join(folder, f'.probe.{os.getpid()}')
-        with open(probe, 'wb') as f:
-            f.write(b'ok')
-        os.unlink(probe)
-    except OSError as exc:
-        raise UserError(f'cache folder {folder}: {exc.strerror}', EXIT_CACHE) from None
-    return folder
+def prepare_cache_folder(cache_dir, name, mountpoint):
+    """The per-source folder, trusted, private and locked (cache/folder.py says why and how)."""
+    return cache_folder.prepare(cache_dir, name, mountpoint)
 
 
 def _store_user_error(exc, source):
@@ -161,8 +152,9 @@ class Daemon:
         mounts.check_mountpoint(self.mountpoint)
         self.store = open_store(self.source, options)
         cache_dir = options.cache_dir or default_cache_dir()
-        self.folder = prepare_cache_folder(
-            cache_dir, source_folder_name(self.source, options.endpoint_url))
+        self.cache_folder = prepare_cache_folder(
+            cache_dir, source_folder_name(self.source, options.endpoint_url), self.mountpoint)
+        self.folder = self.cache_folder.path
         self.disk = self.make_disk_tier()
         listed_at, objects = load_namespace(self.store, self.source, self.folder, options)
         self.listed_at = listed_at
@@ -173,18 +165,34 @@ class Daemon:
                  self.tree.dir_count, self.tree.total_bytes)
 
     def make_disk_tier(self):
-        """The SSD tier in the source folder, or None when --cache-size is 0."""
+        """The SSD tier in the source folder, or None when --cache-size is 0. A cache disk full
+        at mount degrades, as it does later: blocks already there are served, none is admitted
+        until space frees (or no SSD tier at all when the folder itself could not be made)."""
         options = self.options
         capacity = options.cache_size
+        if capacity == 0 or capacity == '0%':
+            return None
+        if not self.cache_folder.locked:
+            log.warning('cache disk of %s is full: no SSD tier for this mount; reads go to the '
+                        'store', self.folder)
+            return None
         if isinstance(capacity, str):       # a percentage of the cache disk
             capacity = int(disk_free(self.folder)[1] * float(capacity[:-1]) / 100)
         if capacity <= 0:
             return None
         try:
-            return DiskTier(self.folder, options.block_size, capacity, options.free_space_ratio,
+            disk = DiskTier(self.folder, options.block_size, capacity, options.free_space_ratio,
                             options.eviction)
         except OSError as exc:
-            raise UserError(f'cache folder {self.folder}: {exc.strerror}', EXIT_CACHE) from None
+            if exc.errno not in cache_folder.NO_SPACE:
+                raise UserError(f'cache folder {self.folder}: {exc.strerror}',
+                                EXIT_CACHE) from None
+            log.warning('cache disk of %s is full (%s): no SSD tier for this mount; reads go to '
+                        'the store', self.folder, exc.strerror)
+            return None
+        if self.cache_folder.disk_full:
+            disk.start_full()
+        return disk
 
     def stats(self):
         store = self.async_store.counters

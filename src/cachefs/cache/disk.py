@@ -25,12 +25,15 @@ import hashlib
 import logging
 import mmap
 import os
+import secrets
 import struct
 import threading
 import time
 from collections import OrderedDict
 
 import xxhash
+
+from .folder import own_private_folder
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +44,9 @@ CHUNK_SIZE = 256 * 1024
 SUFFIX = '.blk'
 _NO_SPACE = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG}
 PROBE_INTERVAL = 30.0   # seconds between probes of an offline disk (cache/blocks.py)
+# In the names of this process's temporary block files. A pid alone is not enough: pids repeat
+# across containers, and a leftover named with our pid would be kept forever.
+TEMP_TAG = f'.tmp{os.getpid()}.{secrets.token_hex(6)}-'
 
 
 class CorruptBlock(Exception):
@@ -220,7 +226,7 @@ def write_block_file(path, block_id, data):
     """Write one block atomically (temporary file + rename). Returns the bytes used on disk."""
     buffers = encode_block(block_id, data)
     folder = os.path.dirname(path)
-    tmp = f'{path}.tmp{os.getpid()}-{time.monotonic_ns()}'
+    tmp = f'{path}{TEMP_TAG}{time.monotonic_ns()}'
     cache_folder = os.path.dirname(folder)
     direct = cache_folder not in _no_direct_io
     try:
@@ -293,9 +299,11 @@ def probe(folder):
 
 def scan(blocks_dir):
     """List the block files on disk (name, size, mtime), deleting leftovers of interrupted
-    writes. Runs in a worker thread at start, while the mount already serves: the temporary
-    files of this process's own writes, under way meanwhile, are left alone."""
-    ours = f'.tmp{os.getpid()}-'
+    writes. Runs in a worker thread at start, while the mount already serves. The daemon holds
+    the cache folder's lock (cache/folder.py), so no other process writes here: every temporary
+    file is a leftover, except those of this process's own writes under way meanwhile, which
+    carry TEMP_TAG."""
+    ours = TEMP_TAG
     found = []
     try:
         subdirs = list(os.scandir(blocks_dir))
@@ -352,7 +360,7 @@ class DiskTier:
 
     def __init__(self, folder, block_size, capacity, min_free_ratio, eviction):
         self.folder = os.path.join(folder, 'blocks')
-        os.makedirs(self.folder, mode=0o700, exist_ok=True)
+        own_private_folder(self.folder)     # 0700, of the daemon's user, not a symlink
         self.block_size = block_size
         self.capacity = capacity
         self.min_free_ratio = min_free_ratio
@@ -449,6 +457,12 @@ class DiskTier:
         self._warn_once(f'free space on the cache disk is below {self.min_free_ratio:.0%}; '
                         'evicting blocks and pausing admission')
         return self._pick_victims(shortage)
+
+    def start_full(self):
+        """The cache disk was full at mount: serve the blocks there, admit none for now."""
+        self._full_until = time.monotonic() + 30
+        self._warn_once('cache disk is full at mount: the SSD tier serves the blocks it holds '
+                        'and admits new ones once space frees; reads go to the store')
 
     def go_offline(self, reason):
         """The disk missed a deadline: the block cache sends it nothing more until a probe
