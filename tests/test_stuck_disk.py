@@ -1,6 +1,7 @@
 """A cache disk that stops answering, or that is much slower than the store: reads go on from
 memory and the store in bounded time, the SSD tier goes offline with one warning, unmount does
-not wait for the disk, and the blocks waiting for the SSD stay within the memory budget.
+not wait for the disk, the blocks waiting for the SSD stay within the memory budget, and an
+offline tier comes back once its probe answers.
 
 The cache folder is on `support.pausable_fs`, a passthrough FUSE file system whose requests the
 test can hold (pause) or slow down (throttle writes), run as a process of its own.
@@ -12,11 +13,16 @@ import random
 import time
 
 import pytest
+import trio
 
+from cachefs.cache import blocks
+from cachefs.cache.blocks import BlockCache
+from cachefs.cache.disk import DiskTier
 from conftest import (Source, assert_tree_matches, clean_env, drop_page_cache, is_mounted,
                       pid_alive, run_cachefs, wait_for_disk_writes, wait_until, write_tree)
 from support.faults import call_within
 from support.pausable_fs import PausableFs
+from test_block_cache import BLOCK, BLOCKS, OBJECT, MemoryStore, read_all, wait_for
 from test_reliability import LOAD_BASE_ALLOWANCE, vm_hwm_bytes
 
 pytestmark = pytest.mark.fuse
@@ -141,3 +147,30 @@ def test_a_cache_disk_slower_than_the_store_keeps_the_daemon_in_its_memory_budge
     assert not stats['disk_offline']                # slow is not stuck: the tier stays online
     assert stats['disk_skipped_writes'] > 0          # what the disk could not take was dropped
     assert warnings_in(mounted) == []
+
+
+async def test_an_offline_ssd_tier_comes_back_when_its_probe_answers(pausable_disk, nursery,
+                                                                      monkeypatch):
+    # In-process (a mount cannot shorten its deadlines): a real cache disk, an in-memory store.
+    monkeypatch.setattr(blocks, '_DISK_READ_DEADLINE', 0.5)
+    store = MemoryStore()
+    disk = DiskTier(str(pausable_disk.mountpoint), BLOCK, capacity=1 << 30, min_free_ratio=0,
+                    eviction='lru')
+    cache = BlockCache(store, BLOCK, 0, disk, idle_after=3600, probe_interval=0.5)
+    await nursery.start(cache.run)
+    await wait_for(lambda: disk.index_ready)
+    assert await read_all(cache) == OBJECT              # no memory tier: every block to the SSD
+    await wait_for(lambda: cache.disk_writes_pending == 0)
+    assert disk.counters.writes == BLOCKS
+    try:
+        pausable_disk.pause()
+        reads = store.reads
+        with trio.fail_after(10):
+            assert await read_all(cache) == OBJECT
+        assert disk.offline and store.reads > reads     # served by the store meanwhile
+    finally:
+        pausable_disk.resume()
+    await wait_for(lambda: not disk.offline)
+    reads, hits = store.reads, cache.counters.disk_hits
+    assert await read_all(cache) == OBJECT
+    assert store.reads == reads and cache.counters.disk_hits == hits + BLOCKS

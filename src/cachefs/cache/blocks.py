@@ -31,10 +31,13 @@ the SSD tier's own pool (_DISK_THREADS, apart from trio's default pool and the s
 deadline that includes the wait for a thread. A read that misses its deadline is served from the
 store; any call that misses its deadline takes the SSD tier offline (one warning): the calls
 under way are abandoned at once, nothing more is sent to the disk, the write queue is dropped,
-reads go on from memory and the store, and the unmount writes nothing. A thread stuck in the dead disk's syscall cannot be cancelled: it is
-abandoned, and keeps its slot of the SSD pool until the disk answers, so at most _DISK_THREADS
-threads ever wait on a dead disk. Every PROBE_INTERVAL seconds a probe (write, fsync, read back,
-remove a small file) tries the disk; when it answers, the tier is back online.
+reads go on from memory and the store, and the unmount writes nothing. A thread stuck in the
+dead disk's syscall cannot be cancelled: it is abandoned, and keeps its slot of the SSD pool
+until the disk answers, so at most _DISK_THREADS threads ever wait on a dead disk (trio's
+default pool and the store's keep theirs), and the daemon still exits at unmount. Every
+PROBE_INTERVAL seconds a probe (write, fsync, read back, remove a small file) tries the disk;
+when it answers, the tier is back online, its index as it was (block files are verified on every
+read anyway).
 
 Concurrency rules (S3QL style; written once, here):
 - Everything in this module runs on the one trio thread. Blocking work (store requests, SSD reads
@@ -54,8 +57,9 @@ Concurrency rules (S3QL style; written once, here):
   sick disk holds the FUSE loop for at most one slow read every 5 s. Known limit: a local disk
   that stops answering in the middle of such a read (or of the open() of a block file whose
   folder entry is not cached) holds the loop until the kernel fails the I/O (NVMe: about 30 s);
-  the tier then goes offline. On FUSE, network file systems and tmpfs (no RWF_NOWAIT), where
-  even an open() is a request to someone else, every SSD read runs in a thread.
+  an inline read that took longer than the read deadline takes the tier offline. On FUSE,
+  network file systems and tmpfs (no RWF_NOWAIT), where even an open() is a request to someone
+  else, every SSD read runs in a thread.
 - A missing block is fetched once: the first reader (or the prefetcher) registers a `_Fetch`;
   later readers of that block wait on it and share its bytes or its error. If the fetching task
   is cancelled, a waiter fetches the block itself.
@@ -381,6 +385,8 @@ class BlockCache:
         started = time.monotonic()
         result = read_block_file(path, block_id, start, length, header)
         elapsed = time.monotonic() - started
+        if elapsed > _DISK_READ_DEADLINE:
+            self._disk_stuck(f'an SSD read on the event loop took {elapsed:.0f} s')
         self._inline_read_time += (elapsed - self._inline_read_time) / 16    # moving average
         if self._inline_read_time > _SLOW_INLINE_READ or elapsed > _STALLED_INLINE_READ:
             log.info('small SSD reads take %.1f ms (average; the last %.1f ms): they go through '
