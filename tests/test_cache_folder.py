@@ -17,6 +17,7 @@ import pytest
 
 from cachefs import errors
 from cachefs.cache.disk import SUFFIX, TEMP_TAG, block_name, scan, write_block_file
+from cachefs.cache.folder import check_trusted
 from cachefs.cache.listing import FILE_NAME, save_listing
 from cachefs.daemon import source_folder_name
 from cachefs.ufs import parse_source
@@ -163,6 +164,34 @@ def test_blocks_planted_by_another_user_are_never_served(small_source, tmp_path,
     line = refused_mount(mounter, small_source, mountpoint, cache)
     assert str(cache) in line
     assert os.listdir(mountpoint) == []
+
+
+def test_the_sidecar_manifest_makes_its_emptydir_cache_folder_private_before_mounting(tmp_path):
+    """An emptyDir volume is created 0777: the sidecar's own script must make it acceptable."""
+    yaml = pytest.importorskip('yaml', reason='PyYAML comes with kubernetes-validate (test extra)')
+    manifest = Path(__file__).parent.parent / 'deploy' / 'sidecar' / 'training-job.yaml'
+    pod = yaml.safe_load(manifest.read_text())['spec']['template']['spec']
+    sidecar = next(c for c in pod['initContainers'] if c['name'] == 'cachefs')
+    volume = next(v for v in pod['volumes'] if 'emptyDir' in v and v['name'] in
+                  {m['name'] for m in sidecar['volumeMounts'] if 'cachefs' in m['mountPath']})
+    cache_path = next(m['mountPath'] for m in sidecar['volumeMounts']
+                      if m['name'] == volume['name'])
+    script = ' '.join(sidecar['command'][2:] + sidecar['args'])
+    before_mount = script[:script.index('exec cachefs mount')]
+    assert f'--cache-dir {cache_path} ' in script
+    empty_dir = tmp_path / 'empty-dir'
+    empty_dir.mkdir()
+    os.chmod(empty_dir, 0o777)              # what the kubelet makes
+    with pytest.raises(errors.UserError):
+        check_trusted(str(empty_dir))
+    # the script up to the mount, on a folder here, with a stub for `cachefs umount`
+    stub = tmp_path / 'bin' / 'cachefs'
+    stub.parent.mkdir()
+    stub.write_text('#!/bin/sh\nexit 0\n')
+    stub.chmod(0o755)
+    subprocess.run(['sh', '-c', before_mount.replace(cache_path, str(empty_dir))], check=True,
+                   env=dict(os.environ, PATH=f'{stub.parent}:{os.environ["PATH"]}'))
+    check_trusted(str(empty_dir))
 
 
 # -- one daemon per per-source folder --

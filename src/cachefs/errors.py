@@ -17,7 +17,7 @@ EXIT_ACCESS = 4          # credentials missing, rejected, or access denied
 EXIT_STORE = 5           # endpoint unreachable or the store keeps failing
 EXIT_MOUNTPOINT = 6      # mount point missing, not a directory, not empty, already mounted
 EXIT_FUSE = 7            # no /dev/fuse, no permission to mount, FUSE refused the mount
-EXIT_CACHE = 8           # cache folder cannot be created or written
+EXIT_CACHE = 8           # cache folder cannot be created or written, untrusted, or in use
 EXIT_NOT_MOUNTED = 9     # umount/stats/refresh/warmup: not a cachefs mount (of this user or root)
 EXIT_BUSY = 10           # umount: the mount is busy (open files, a working directory in it)
 
@@ -30,7 +30,8 @@ EXIT_CODES = {
     EXIT_STORE: 'store endpoint unreachable or failing',
     EXIT_MOUNTPOINT: 'mount point missing, not a directory, not empty, or already mounted',
     EXIT_FUSE: 'FUSE unavailable: no /dev/fuse, no permission, or the kernel refused the mount',
-    EXIT_CACHE: 'cache folder cannot be created or written',
+    EXIT_CACHE: 'cache folder cannot be created or written, is not trusted, or is in use by '
+                'another mount of the same source',
     EXIT_NOT_MOUNTED: 'not a cachefs mount (of this user or root)',
     EXIT_BUSY: 'the mount is busy: files are open in it or a process works in it',
 }
