@@ -23,6 +23,9 @@ Fault kinds (`KINDS`), by what the client sees:
     slow_drip        headers, then the body a few bytes at a time, each piece well inside the read
                      timeout, for `drip_seconds`: only a total deadline per request ends it
 
+Outside `KINDS` (not part of the every-kind tests): `http_400`, a 400 InvalidRequest, an answer
+the lean S3 read paths do not handle (they hand the read to the path below them).
+
 `refuse()` makes the store "go down": the listening socket is closed (new connections are
 refused) and every open connection is reset; `resume()` listens on the same port again.
 """
@@ -43,7 +46,7 @@ log = logging.getLogger(__name__)
 
 KINDS = ('reset_mid_body', 'truncated_body', 'short_range', 'http_500', 'slowdown_503',
          'stall_headers', 'stall_mid_body', 'slow_drip')
-_BEFORE_UPSTREAM = {'http_500', 'slowdown_503', 'stall_headers'}
+_BEFORE_UPSTREAM = {'http_500', 'slowdown_503', 'stall_headers', 'http_400'}
 _CHUNK = 256 * 1024
 
 _ERROR_XML = ('<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>{code}</Code>'
@@ -228,6 +231,7 @@ class _FaultHandler(_Handler):
             'http_500': (500, 'InternalError', 'We encountered an internal error. Please try '
                          'again.'),
             'slowdown_503': (503, 'SlowDown', 'Please reduce your request rate.'),
+            'http_400': (400, 'InvalidRequest', 'An answer the lean paths do not handle.'),
         }[kind]
         body = _ERROR_XML.format(code=code, message=message, resource=path,
                                  n=proxy.faults_total()).encode()

@@ -19,6 +19,7 @@ from .base import ObjectInfo, Store
 from .errors import CredentialsMissing, EndpointUnreachable, StoreError, TransientError
 from . import etags
 from .s3_get import RangedGetter, UseSdk, check_ranged_answer, classify
+from .s3_detour import Detour
 from .s3_list import Lister
 from .s3_trio import TrioGetter
 
@@ -93,6 +94,10 @@ class S3Store(Store):
                                      config=config)
         self.source = f's3://{bucket}/{prefix}'.rstrip('/')
         credentials = None if no_sign_request else session.get_credentials()
+        # After an answer a lean path does not handle, the path below takes over for a while.
+        self._sdk_reads = Detour('object reads', 'lean GETs', 'get_object')
+        self._sdk_lists = Detour('listings', 'lean pages', 'list_objects_v2')
+        self._threaded_reads = Detour('object reads', 'the trio path', 'worker threads')
         self._getter = self._lean_path(RangedGetter, credentials, 'object reads', 'get_object')
         self._lister = self._lean_path(Lister, credentials, 'listings', 'list_objects_v2')
         self._trio_getter = None
@@ -137,13 +142,13 @@ class S3Store(Store):
     def _list_page(self, token):
         """(objects as (key, size, etag, mtime_ns), next page's token or None)."""
         lister = self._lister
-        if lister is not None:
+        if lister is not None and not self._sdk_lists.active():
             try:
-                return lister.page(self.prefix, token)
+                page = lister.page(self.prefix, token)
+                self._sdk_lists.succeeded()
+                return page
             except UseSdk as exc:
-                log.info('listing %s: %s; listings go through list_objects_v2 from now on',
-                         self.source, exc)
-                self._lister = None
+                self._sdk_lists.refused(f'listing {self.source}', exc)
         arguments = {'Bucket': self.bucket, 'Prefix': self.prefix}
         if token is not None:
             arguments['ContinuationToken'] = token
@@ -159,16 +164,17 @@ class S3Store(Store):
     def read(self, key, etag, offset, length):
         what = self._reading(key)
         getter = self._getter
-        if getter is not None:
+        if getter is not None and not self._sdk_reads.active():
             try:
-                return getter.get(self.prefix + key, etag, offset, length)
+                data = getter.get(self.prefix + key, etag, offset, length)
+                self._sdk_reads.succeeded()
+                return data
             except StoreError as exc:
                 raise type(exc)(f'{what}: {exc}') from None
             except UseSdk as exc:
                 # A redirect or an answer the lean path does not know: botocore handles it
-                # from now on (it follows region redirects and remembers them).
-                log.info('%s: %s; object reads go through get_object from now on', what, exc)
-                self._getter = None
+                # (it follows region redirects and remembers them), for a while (s3_detour).
+                self._sdk_reads.refused(what, exc)
             except _SDK_ERRORS as exc:
                 raise translate(exc, what) from None
         body = None
@@ -202,16 +208,16 @@ class S3Store(Store):
         """`read` on the trio thread (`s3_trio`); None when this read must go through `read` in
         a worker thread instead (no trio path, or an answer it does not handle)."""
         getter = self._trio_getter
-        if getter is None:
+        if getter is None or self._threaded_reads.active():
             return None
         try:
-            return await getter.get(self.prefix + key, etag, offset, length)
+            data = await getter.get(self.prefix + key, etag, offset, length)
+            self._threaded_reads.succeeded()
+            return data
         except StoreError as exc:
             raise type(exc)(f'{self._reading(key)}: {exc}') from None
         except UseSdk as exc:
-            log.info('%s: %s; object reads go through worker threads from now on',
-                     self._reading(key), exc)
-            self._trio_getter = None
+            self._threaded_reads.refused(self._reading(key), exc)
             return None
 
     def stat(self, key):
