@@ -206,6 +206,13 @@ def test_second_mount_of_the_same_source_and_cache_folder_is_refused_and_the_fir
     assert f'pid {mounted.pid}' in line and str(mounted.path) in line
     assert_tree_matches(mounted.path, small_source.manifest)
     assert pid_alive(mounted.pid)
+    # the lock is held by a close-on-exec fd: a program the daemon ran would not hold it on
+    lock = source_folder(mounted.cache_dir, small_source) / 'lock'
+    fds = [fd for fd in os.listdir(f'/proc/{mounted.pid}/fd')
+           if os.readlink(f'/proc/{mounted.pid}/fd/{fd}') == str(lock)]
+    assert len(fds) == 1
+    flags = Path(f'/proc/{mounted.pid}/fdinfo/{fds[0]}').read_text().split('flags:')[1].split()[0]
+    assert int(flags, 8) & os.O_CLOEXEC
 
 
 def test_scan_removes_leftovers_named_with_our_own_pid_and_keeps_our_writes(tmp_path):
