@@ -19,6 +19,7 @@ from .base import ObjectInfo, Store
 from .errors import CredentialsMissing, EndpointUnreachable, StoreError, TransientError
 from . import etags
 from .s3_get import RangedGetter, UseSdk, check_ranged_answer, classify
+from .s3_credentials import CredentialKeeper
 from .s3_detour import Detour
 from .s3_list import Lister
 from .s3_trio import TrioGetter
@@ -93,7 +94,16 @@ class S3Store(Store):
         self.client = session.client('s3', endpoint_url=endpoint_url, region_name=region,
                                      config=config)
         self.source = f's3://{bucket}/{prefix}'.rstrip('/')
-        credentials = None if no_sign_request else session.get_credentials()
+        # The lean paths sign with credentials refreshed ahead of expiry in a thread of their
+        # own (s3_credentials); the client keeps botocore's own refresh, in worker threads.
+        self._credentials = None
+        if not no_sign_request:
+            try:
+                self._credentials = CredentialKeeper(session.get_credentials())
+            except _SDK_ERRORS as exc:
+                raise CredentialsMissing(f'cannot get AWS credentials ({type(exc).__name__}: '
+                                         f'{exc})') from None
+        credentials = self._credentials
         # After an answer a lean path does not handle, the path below takes over for a while.
         self._sdk_reads = Detour('object reads', 'lean GETs', 'get_object')
         self._sdk_lists = Detour('listings', 'lean pages', 'list_objects_v2')
@@ -236,4 +246,6 @@ class S3Store(Store):
         return bool(page.get('KeyCount') or page.get('Contents'))
 
     def close(self):
+        if self._credentials is not None:
+            self._credentials.close()
         self.client.close()
