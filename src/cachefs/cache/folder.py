@@ -27,6 +27,7 @@ import errno
 import fcntl
 import logging
 import os
+import pwd
 import stat
 
 from ..errors import EXIT_CACHE, UserError
@@ -44,9 +45,8 @@ class DiskFull(OSError):
 
 def _owner(uid):
     try:
-        import pwd
         return f'uid {uid} ({pwd.getpwuid(uid).pw_name})'
-    except (KeyError, ImportError):
+    except KeyError:
         return f'uid {uid}'
 
 
