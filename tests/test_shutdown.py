@@ -1,7 +1,9 @@
-"""A (lazy) unmount and SIGTERM end the daemon within seconds, even while a store read is stalled: the
-reads in flight fail (EIO, or ENOTCONN once the mount is gone) instead of the daemon waiting out
-their retries (with the defaults, a minute and a half).
+"""A (lazy) unmount and SIGTERM end the daemon within seconds, even while a store read is
+stalled: the reads in flight fail (EIO, or ENOTCONN once the mount is gone) instead of the daemon
+waiting out their retries (with the defaults, a minute and a half).
 
+A plain `cachefs umount` of a mount with a file open is refused as busy (the kernel's rule), so
+the unmount here is the lazy one that operators and the systemd unit's ExecStopPost use.
 The store stalls through `support.faults.FaultProxy` in front of the loopback SeaweedFS; the
 mounts keep the default --request-timeout and --retry-timeout, so that only the shutdown itself
 can end the stalled read in time.
