@@ -157,7 +157,7 @@ def _is_cachefs_command(argv):
 
 def _names_mountpoint(argv, mountpoint, cwd):
     for arg in argv[1:]:
-        if not arg or arg.startswith('-') or '://' in arg:
+        if not arg or '://' in arg:
             continue
         if not os.path.isabs(arg):
             if cwd is None:
