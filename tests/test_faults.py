@@ -20,6 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from cachefs.cache.blocks import FAILURE_MEMORY_SECONDS
+from cachefs.demo.seaweed import upload_tree
 
 from conftest import (BLOCK_SIZE, Mounter, Source, clean_env, drop_page_cache, pid_alive,
                       wait_until, write_tree)
@@ -54,10 +55,7 @@ def fault_data(seaweed, tmp_path_factory):
     files |= {f'big-{i}.bin': rng.randbytes(BIG_SIZE) for i in range(LONG_READERS)}
     manifest = write_tree(root, files)
     seaweed.create_bucket(BUCKET)
-    client = seaweed.client()
-    with ThreadPoolExecutor(4) as pool:
-        list(pool.map(lambda name: client.upload_file(str(root / name), BUCKET, 'data/' + name),
-                      manifest))
+    upload_tree(seaweed.client(), BUCKET, 'data/', root, threads=4)
     return root, manifest
 
 

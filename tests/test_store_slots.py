@@ -17,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import trio
 
+from cachefs.demo.seaweed import upload_tree
 from cachefs.ufs.async_store import AsyncStore
 from cachefs.ufs.errors import TransientError
 from cachefs.ufs.s3 import S3Store
@@ -139,10 +140,7 @@ def slots_data(seaweed, tmp_path_factory):
     files |= {f'plain-{i:02d}.bin': rng.randbytes(20_000) for i in range(4 * FIRST_LENGTH)}
     manifest = write_tree(root, files)
     seaweed.create_bucket(BUCKET)
-    client = seaweed.client()
-    with ThreadPoolExecutor(8) as pool:
-        list(pool.map(lambda name: client.upload_file(str(root / name), BUCKET, 'data/' + name),
-                      manifest))
+    upload_tree(seaweed.client(), BUCKET, 'data/', root, threads=8)
     return root, manifest
 
 
