@@ -113,3 +113,9 @@ def test_a_missing_path_is_a_usage_error(mounter, local_source):
     assert result.returncode == 2
     assert len(result.stderr.strip().splitlines()) == 1
     assert not os.path.exists(mounted.path / 'no-such-file')
+
+
+def test_a_failed_path_with_a_newline_is_listed_on_one_line(capsys):
+    from cachefs.warmup import _print_errors
+    _print_errors({'errors': 1, 'failed': [{'path': '/mnt/a\nfake line', 'error': 'bad\rkey'}]})
+    assert capsys.readouterr().out.splitlines()[1:] == ['  /mnt/a\\nfake line: bad\\rkey']

@@ -24,6 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from . import control
 from .errors import EXIT_OK, EXIT_STORE, EXIT_USAGE, UserError
+from .logs import one_line
 from .units import format_size
 
 log = logging.getLogger(__name__)
@@ -278,7 +279,8 @@ def _print_errors(result):
         return
     print(f"errors          {result['errors']} files could not be read:")
     for failure in result['failed'][:SHOWN_ERRORS]:
-        print(f"  {failure['path']}: {failure['error']}")
+        # a path is a store key and an error may quote one: one line each, as in the log
+        print(f"  {one_line(failure['path'])}: {one_line(failure['error'])}")
     if result['errors'] > SHOWN_ERRORS:
         print(f"  ... and {result['errors'] - SHOWN_ERRORS} more")
 
