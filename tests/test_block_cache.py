@@ -117,3 +117,24 @@ async def test_small_ssd_reads_leave_the_trio_thread_after_a_slow_one(tmp_path, 
     assert await read_all(fresh) == OBJECT
     assert on_trio_thread == [True, True] + [False] * (BLOCKS - 2)
     assert fresh.counters.disk_hits == BLOCKS
+
+
+async def test_a_start_up_scan_cut_short_by_an_offline_disk_runs_again_once_it_is_back(
+        tmp_path, nursery, monkeypatch):
+    scanning = threading.Event()
+    release = threading.Event()
+    scan = blocks.scan
+
+    def stalled_scan(folder):
+        if not release.is_set():
+            scanning.set()
+            release.wait(10)
+        return scan(folder)
+    monkeypatch.setattr(blocks, 'scan', stalled_scan)
+    cache = cache_on(tmp_path, MemoryStore(), memory_blocks=64, idle_after=3600)
+    cache.probe_interval = 0.05
+    await nursery.start(cache.run)
+    await wait_for(scanning.is_set)
+    cache._disk_stuck('a test')         # another call missed its deadline meanwhile
+    release.set()
+    await wait_for(lambda: not cache.disk.offline and cache.disk.index_ready)

@@ -249,7 +249,9 @@ class BlockCache:
                                                      abandon_on_cancel=True)
             finally:
                 self._disk_calls.discard(scope)
-        if not probing:
+        # Cancelled: by its deadline, or by _disk_stuck (another call missed its own; a call
+        # without a deadline, such as the start-up scan, ends only that way).
+        if not probing and not self.disk.offline:
             self._disk_stuck(f'{fn.__name__} took more than {deadline:g} s')
         raise _DiskOffline
 
@@ -278,6 +280,8 @@ class BlockCache:
                 log.debug('the SSD tier still does not answer: %r', exc)
                 continue
             self.disk.back_online()
+            if not self.disk.index_ready:   # the start-up scan was cut short: run it now
+                self._nursery.start_soon(self._index_disk)
             return
 
     # -- reads --
