@@ -12,6 +12,8 @@ out; and a store or proxy that ignores Range costs one header read per read, not
 
 import dataclasses
 import errno
+import os
+import resource
 import time
 
 import pytest
@@ -429,6 +431,33 @@ def test_bytes_after_an_answer_never_become_the_next_answer(scripted, store):
         return first, await getter.get('obj', ETAG, 5, 5)
     assert trio.run(main) == (OBJECT[:5], OBJECT[5:10])
     assert scripted.connections == 2
+
+
+def test_a_pooled_connection_on_a_descriptor_over_1023_is_checked_and_reused(scripted, store):
+    """A daemon with many files open gets socket descriptors over 1023, which select() refuses:
+    the check before reuse must still work there (it raised ValueError out of every read)."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < 1200:
+        pytest.skip(f'RLIMIT_NOFILE {soft} leaves no descriptor over 1023')
+    scripted.reply = keep_alive_replies
+    scripted.reset()
+    getter = store._trio_getter
+    fillers = []
+
+    async def main():
+        forget_connections(getter)
+        fillers.append(os.open('/dev/null', os.O_RDONLY))
+        while fillers[-1] < 1100:       # every lower descriptor taken: the next socket's is over
+            fillers.append(os.open('/dev/null', os.O_RDONLY))
+        first = await getter.get('obj', ETAG, 0, 5)
+        assert getter._idle[0]._socket().fileno() > 1023
+        return first, await getter.get('obj', ETAG, 5, 5)
+    try:
+        assert trio.run(main) == (OBJECT[:5], OBJECT[5:10])
+    finally:
+        for fd in fillers:
+            os.close(fd)
+    assert scripted.connections == 1
 
 
 def keep_alive_replies(head):

@@ -112,8 +112,13 @@ class _Connection:
 
     def readable(self):
         """Whether an idle connection has something to read: bytes the store sent after its
-        last answer (which must never be taken for the next answer) or its close."""
-        return bool(self.pending) or bool(select.select([self._socket()], [], [], 0)[0])
+        last answer (which must never be taken for the next answer) or its close. poll, not
+        select: select refuses a descriptor over 1023, which a busy daemon reaches."""
+        if self.pending:
+            return True
+        poller = select.poll()
+        poller.register(self._socket(), select.POLLIN)
+        return bool(poller.poll(0))
 
 
 def _reason(exc):
