@@ -235,7 +235,7 @@ def line(mountpoint='/mnt/data', fstype='fuse.cachefs', super_options='ro,user_i
 
 
 def test_mountinfo_lines_are_parsed_with_their_escapes_and_owner():
-    from cachefs.control import parse_mountinfo_line
+    from cachefs.mounts import parse_mountinfo_line
     entry = parse_mountinfo_line(line(mountpoint=r'/mnt/my\040data',
                                       super_options='ro,user_id=1000,group_id=1000'))
     assert entry.mountpoint == '/mnt/my data'
@@ -254,7 +254,8 @@ def test_mountinfo_lines_are_parsed_with_their_escapes_and_owner():
 ])
 def test_only_cachefs_mounts_of_the_caller_or_root_are_controlled(fstype, super_options, caller,
                                                                    allowed):
-    from cachefs.control import owner_problem, parse_mountinfo_line
+    from cachefs.control import owner_problem
+    from cachefs.mounts import parse_mountinfo_line
     entry = parse_mountinfo_line(line(fstype=fstype, super_options=super_options))
     assert (owner_problem(entry, caller) is None) == allowed
 

@@ -38,12 +38,11 @@ import errno
 import json
 import logging
 import os
-import re
 import signal
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 
 from .errors import EXIT_ACCESS, EXIT_NOT_MOUNTED, EXIT_USAGE, UserError
+from .mounts import MOUNTINFO, mount_entries
 
 log = logging.getLogger(__name__)
 
@@ -52,55 +51,14 @@ XATTR_STATS = b'user.cachefs.stats'
 XATTR_CACHED = b'user.cachefs.cached'     # on a file: how much of it the cache holds (JSON)
 
 FSTYPE = 'fuse.cachefs'
-MOUNTINFO = '/proc/self/mountinfo'
 PROC = '/proc'
 _COMMAND_NAMES = ('cachefs', 'mount.cachefs')
-_OCTAL_ESCAPE = re.compile(rb'\\([0-7]{3})')
 # a FUSE mount whose daemon is gone answers ENOTCONN (ECONNABORTED while the kernel aborts it)
 _DEAD = {errno.ENOTCONN, errno.ECONNABORTED}
 _MISSING = {errno.ENOENT, errno.ENOTDIR, errno.ENAMETOOLONG, errno.ELOOP}
 
 
-# -- /proc/self/mountinfo: what the kernel says, which no user can forge --
-
-@dataclass(frozen=True)
-class MountLine:
-    """One line of /proc/self/mountinfo."""
-    mountpoint: str
-    root: str                  # the folder of the file system mounted here ('/' unless a bind)
-    fstype: str
-    source: str
-    dev: tuple                 # (major, minor), as os.stat() reports st_dev for files on it
-    super_options: dict = field(default_factory=dict)
-
-    @property
-    def owner_uid(self):
-        """The uid that made this FUSE mount (its `user_id=` super option), or None."""
-        value = self.super_options.get('user_id', '')
-        return int(value) if value.isdigit() else None
-
-
-def _unescape(text):
-    # mountinfo writes space, tab, newline and backslash as octal escapes (\040 ...)
-    raw = _OCTAL_ESCAPE.sub(lambda m: bytes([int(m.group(1), 8)]),
-                            text.encode('utf-8', 'surrogateescape'))
-    return raw.decode('utf-8', 'surrogateescape')
-
-
-def parse_mountinfo_line(line):
-    left, _, right = line.rstrip('\n').partition(' - ')
-    fields = left.split(' ')
-    fstype, source, options = (right.split(' ') + ['', ''])[:3]
-    major, minor = fields[2].split(':')
-    super_options = dict(item.partition('=')[::2] for item in options.split(',') if item)
-    return MountLine(_unescape(fields[4]), _unescape(fields[3]), fstype, _unescape(source),
-                     (int(major), int(minor)), super_options)
-
-
-def read_mountinfo(path=MOUNTINFO):
-    with open(path, encoding='utf-8', errors='surrogateescape') as f:
-        return [parse_mountinfo_line(line) for line in f if ' - ' in line]
-
+# -- /proc/self/mountinfo (mounts.py reads it): what the kernel says, which no user can forge --
 
 def _is_under(path, mountpoint):
     return path == mountpoint or path.startswith(mountpoint.rstrip('/') + '/')
@@ -289,7 +247,7 @@ def open_mount(path, inside=False, allow_dead=False, caller_uid=None, mountinfo=
         # its kernel record below says which, and what may be done with it
         dead = exc.errno in _DEAD
     real = os.path.realpath(absolute)
-    entry = mount_holding(real, read_mountinfo(mountinfo), dev)
+    entry = mount_holding(real, mount_entries(mountinfo), dev)
     what = 'inside a cachefs mount' if inside else 'a cachefs mount'
     problem = owner_problem(entry, caller_uid)
     if problem:

@@ -7,10 +7,11 @@ and /proc/self/mountinfo.
 import errno
 import logging
 import os
+import re
 import shutil
 import stat
 import subprocess
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .errors import EXIT_BUSY, EXIT_FUSE, EXIT_MOUNTPOINT, EXIT_NOT_MOUNTED, UserError
 
@@ -20,31 +21,52 @@ FUSE_DEVICE = '/dev/fuse'
 FUSECTL_DIR = '/sys/fs/fuse/connections'
 
 
+MOUNTINFO = '/proc/self/mountinfo'
+_OCTAL_ESCAPE = re.compile(rb'\\([0-7]{3})')
+
+
 @dataclass(frozen=True)
 class MountEntry:
+    """One line of /proc/self/mountinfo."""
     mountpoint: str
     fstype: str
     source: str
-    dev_major: int
+    dev_major: int             # as os.stat() reports st_dev for files on it
     dev_minor: int
+    root: str = '/'            # the folder of the file system mounted here ('/' unless a bind)
+    super_options: dict = field(default_factory=dict)
+
+    @property
+    def dev(self):
+        return (self.dev_major, self.dev_minor)
+
+    @property
+    def owner_uid(self):
+        """The uid that made this FUSE mount (its `user_id=` super option), or None."""
+        value = self.super_options.get('user_id', '')
+        return int(value) if value.isdigit() else None
 
 
-def _unescape(field):
-    # mountinfo escapes space, tab, newline and backslash as octal (\040 ...)
-    return field.encode().decode('unicode_escape').encode('latin-1').decode('utf-8', 'surrogateescape')
+def _unescape(text):
+    # mountinfo writes space, tab, newline and backslash as octal escapes (\040 ...)
+    raw = _OCTAL_ESCAPE.sub(lambda m: bytes([int(m.group(1), 8)]),
+                            text.encode('utf-8', 'surrogateescape'))
+    return raw.decode('utf-8', 'surrogateescape')
 
 
-def mount_entries():
-    entries = []
-    with open('/proc/self/mountinfo', encoding='utf-8', errors='surrogateescape') as f:
-        for line in f:
-            left, _, right = line.partition(' - ')
-            fields = left.split()
-            fstype, source = right.split()[:2]
-            major, minor = fields[2].split(':')
-            entries.append(MountEntry(_unescape(fields[4]), fstype, _unescape(source),
-                                      int(major), int(minor)))
-    return entries
+def parse_mountinfo_line(line):
+    left, _, right = line.rstrip('\n').partition(' - ')
+    fields = left.split(' ')
+    fstype, source, options = (right.split(' ') + ['', ''])[:3]
+    major, minor = fields[2].split(':')
+    super_options = dict(item.partition('=')[::2] for item in options.split(',') if item)
+    return MountEntry(_unescape(fields[4]), fstype, _unescape(source), int(major), int(minor),
+                      _unescape(fields[3]), super_options)
+
+
+def mount_entries(path=MOUNTINFO):
+    with open(path, encoding='utf-8', errors='surrogateescape') as f:
+        return [parse_mountinfo_line(line) for line in f if ' - ' in line]
 
 
 def find_mount(path):
