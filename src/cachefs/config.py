@@ -46,7 +46,7 @@ def machine_memory():
 def _between(low, high, above=False):
     """low <= value <= high; with `above`, low < value."""
     def check(value):
-        if value < low or value > high or (above and value == low):
+        if not low <= value <= high or (above and value == low):     # NaN is refused too
             raise ValueError()
     return check
 
