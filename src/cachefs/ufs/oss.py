@@ -17,6 +17,7 @@ from . import etags
 from .base import ObjectInfo, Store
 from .errors import (AccessDenied, BucketNotFound, CredentialsMissing, EndpointUnreachable,
                      ObjectChanged, ObjectNotFound, StoreError, TransientError)
+from .s3_get import check_ranged_answer, header_values
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +96,10 @@ class OssStore(Store):
             headers = {'If-Match': etags.if_match(etag), 'x-oss-range-behavior': 'standard'}
             result = self.bucket.get_object(self.prefix + key, byte_range=(offset, offset + length - 1),
                                             headers=headers)
-            self._check_answer(result, etag, offset, length)
+            # The lean S3 paths' checks, before any of the body is read: a whole-object 200,
+            # another range or length, another version (the store ignored If-Match).
+            size = check_ranged_answer(result.status, header_values(result.headers), etag,
+                                       offset, length)
             pieces, received = [], 0
             while received < length:    # never more than the block, whatever comes after it
                 piece = result.read(length - received)
@@ -104,7 +108,7 @@ class OssStore(Store):
                 pieces.append(piece)
                 received += len(piece)
             data = pieces[0] if len(pieces) == 1 else b''.join(pieces)
-            if result.content_length is None and result.read(1):
+            if size is None and result.read(1):
                 raise TransientError('the store sent bytes past the end of the answer')
             result = None
         except StoreError as exc:
@@ -117,24 +121,6 @@ class OssStore(Store):
         if len(data) != length:
             raise TransientError(f'{what}: got {len(data)} bytes of {length}')
         return data
-
-    @staticmethod
-    def _check_answer(result, etag, offset, length):
-        """Before any of the body is read: a store or proxy that ignored Range (a 200 with the
-        whole object) is refused at once and not retried; an answer of another range or length
-        is retried; one of another version is `ObjectChanged` (the store or a proxy ignored
-        If-Match)."""
-        size = result.content_length
-        if result.status == 200 and (offset != 0 or (size is not None and size != length)):
-            raise StoreError(f'the store ignored the Range header (HTTP 200 of {size} bytes for '
-                             f'bytes {offset}-{offset + length - 1})')
-        if result.status == 206 and not (result.content_range or '').startswith(
-                f'bytes {offset}-{offset + length - 1}/'):
-            raise TransientError(f'asked for {offset}-{offset + length - 1}, got Content-Range '
-                                 f'{result.content_range!r}')
-        if size is not None and size != length:
-            raise TransientError(f'the store announced {size} bytes of {length}')
-        etags.check_answer(etag, result.headers.get('ETag'))
 
     def stat(self, key):
         try:

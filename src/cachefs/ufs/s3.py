@@ -18,7 +18,7 @@ from botocore.config import Config
 from .base import ObjectInfo, Store
 from .errors import CredentialsMissing, EndpointUnreachable, StoreError, TransientError
 from . import etags
-from .s3_get import RangedGetter, UseSdk, check_ranged_answer, classify
+from .s3_get import RangedGetter, UseSdk, check_ranged_answer, classify, header_values
 from .s3_credentials import CredentialKeeper
 from .s3_detour import Detour
 from .s3_list import Lister
@@ -196,8 +196,7 @@ class S3Store(Store):
             # The same checks as the lean paths', before any of the body is read.
             metadata = response['ResponseMetadata']
             headers = metadata.get('HTTPHeaders', {})
-            size = check_ranged_answer(metadata.get('HTTPStatusCode', 0),
-                                       lambda name: [headers[name]] if name in headers else [],
+            size = check_ranged_answer(metadata.get('HTTPStatusCode', 0), header_values(headers),
                                        etag, offset, length)
             data = body.read(length)
             if size is None and body.read(1):

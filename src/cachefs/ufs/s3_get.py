@@ -76,6 +76,12 @@ def content_length(values, transfer_encodings):
     return int(lengths.pop())
 
 
+def header_values(headers):
+    """`check_ranged_answer`'s `header_values` over a mapping of one value per header (an
+    HTTP client's case-insensitive headers, or botocore's lower-cased ones)."""
+    return lambda name: [headers[name]] if name in headers else []
+
+
 def check_ranged_answer(status, header_values, etag, offset, length):
     """Check a success answer's status line and headers before any of its body is read; return
     its Content-Length (None: chunked).
