@@ -226,8 +226,8 @@ class RangedGetter(LeanRequests):
     @staticmethod
     def _error_body(body):
         """Up to 64 KiB of an error answer's body, each socket read waiting at most a second
-        (a body trickled faster than that ends with the attempt's request_timeout, as the trio
-        path's total second does not need); nothing when only the close would end it (those
+        (a body trickled faster than that is ended by the attempt's request_timeout; the trio
+        path bounds the whole body to a second); nothing when only the close would end it (those
         waits would be the socket timeout's, in a thread that holds a store slot). The
         connection is closed after it."""
         values = body.headers.getlist
