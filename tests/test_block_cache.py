@@ -138,3 +138,34 @@ async def test_a_start_up_scan_cut_short_by_an_offline_disk_runs_again_once_it_i
     cache._disk_stuck('a test')         # another call missed its deadline meanwhile
     release.set()
     await wait_for(lambda: not cache.disk.offline and cache.disk.index_ready)
+
+
+async def read_object(cache, key):
+    for offset in range(0, len(OBJECT), BLOCK):
+        await cache.read(key, 'etag', len(OBJECT), offset, BLOCK)
+
+
+async def test_a_block_fetched_again_while_it_waits_for_the_ssd_is_counted_once(
+        tmp_path, nursery, monkeypatch):
+    # A reader whose SSD read found nothing (the index not ready yet, a corrupt file) fetches
+    # a block while another copy of it still waits for the SSD.
+    writes = threading.Event()
+    write_and_measure = blocks._write_and_measure
+
+    def held_write(*args):
+        writes.wait(10)
+        return write_and_measure(*args)
+    monkeypatch.setattr(blocks, '_write_and_measure', held_write)
+    monkeypatch.setattr(blocks, '_MIN_QUEUED_BLOCKS', 0)   # every queued byte is charged
+    cache = cache_on(tmp_path, MemoryStore(), memory_blocks=16, idle_after=3600)
+    await nursery.start(cache.run)
+    await wait_for(lambda: cache.disk.index_ready)
+    for key in 'abc':
+        await read_object(cache, key)       # the oldest blocks wait for the SSD
+    waiting = list(cache._write_queue)[-1]  # not in a writer's hands
+    await cache._fetch(waiting, len(OBJECT), prefetch=False)
+    await read_object(cache, 'd')           # the second copy leaves memory too
+    writes.set()
+    with trio.fail_after(10):
+        await cache.flush()
+    assert cache.disk_queue_bytes == 0 and cache.memory.charged == 0

@@ -489,6 +489,10 @@ class BlockCache:
         """Queue a block for the SSD if there is room (else drop it from the SSD path: a cache,
         never data); `charged`: the block is no longer held in memory, its bytes count against
         the memory tier while it waits. False when dropped."""
+        if self._on_its_way_to_disk(block_id) is not None:
+            # fetched again while it waited (a reader whose SSD read found nothing): its bytes
+            # are counted once, else the queue and the memory tier's charge would drift
+            return True
         if self.disk.offline or self._queued_bytes + len(data) > self._queue_limit:
             self.disk.counters.skipped_writes += 1
             return False
