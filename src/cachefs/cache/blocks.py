@@ -37,7 +37,7 @@ until the disk answers, so at most _DISK_THREADS threads ever wait on a dead dis
 default pool and the store's keep theirs), and the daemon still exits at unmount. Every
 PROBE_INTERVAL seconds a probe (write, fsync, read back, remove a small file) tries the disk;
 when it answers, the tier is back online, its index as it was (block files are verified on every
-read anyway).
+read anyway), or, when the tier went offline before the start-up scan ended, once that scan ran.
 
 Concurrency rules (S3QL style; written once, here):
 - Everything in this module runs on the one trio thread. Blocking work (store requests, SSD reads
