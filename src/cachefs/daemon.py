@@ -26,8 +26,7 @@ from .cache.blocks import BlockCache
 from .cache.disk import DiskTier, disk_free
 from .cache.listing import load_listing, save_listing
 from .config import default_cache_dir, resolve_auto_eviction
-from .errors import (EXIT_ACCESS, EXIT_CACHE, EXIT_FUSE, EXIT_SOURCE_MISSING, EXIT_STORE,
-                     UserError)
+from .errors import EXIT_ACCESS, EXIT_FUSE, EXIT_SOURCE_MISSING, EXIT_STORE, UserError
 from .fuse.operations import XATTR_PID, Operations
 from .metrics import start_metrics_server
 from .namespace import build_tree, tree_changes
@@ -183,10 +182,7 @@ class Daemon:
         try:
             disk = DiskTier(self.folder, options.block_size, capacity, options.free_space_ratio,
                             options.eviction)
-        except OSError as exc:
-            if exc.errno not in cache_folder.NO_SPACE:
-                raise UserError(f'cache folder {self.folder}: {exc.strerror}',
-                                EXIT_CACHE) from None
+        except cache_folder.DiskFull as exc:    # other errors are UserErrors already
             log.warning('cache disk of %s is full (%s): no SSD tier for this mount; reads go to '
                         'the store', self.folder, exc.strerror)
             return None
