@@ -27,7 +27,8 @@ from .cache.disk import DiskTier, disk_free
 from .cache.listing import load_listing, save_listing
 from .config import default_cache_dir, resolve_auto_eviction
 from .errors import EXIT_ACCESS, EXIT_FUSE, EXIT_SOURCE_MISSING, EXIT_STORE, UserError
-from .fuse.operations import XATTR_PID, Operations
+from .control import XATTR_PID
+from .fuse.operations import Operations
 from .metrics import start_metrics_server
 from .namespace import build_tree, tree_changes
 from .ufs import open_store, parse_source
