@@ -2,6 +2,7 @@
 # One entry point for a fresh Debian/Ubuntu machine: installs what cachefs needs, then runs
 #   scripts/dev.sh demo    the main job: SeaweedFS on loopback, generated TFRecords, mounted, read
 #   scripts/dev.sh test    the test suite (real FUSE mounts, real store servers on loopback)
+#   scripts/dev.sh lint    ruff (lint) and mypy (types), configured in pyproject.toml
 #   scripts/dev.sh bench   the benchmark (bench/README.md)
 #   scripts/dev.sh setup   only the installation
 # Extra arguments go to the command (e.g. `scripts/dev.sh test -k s3`).
@@ -42,6 +43,7 @@ case $command in
     setup) ;;
     demo) exec "$VENV/bin/cachefs" demo "$@" ;;
     test) exec "$VENV/bin/python" -m pytest "$@" ;;
+    lint) "$VENV/bin/ruff" check "$@" . && exec "$VENV/bin/mypy" ;;
     bench) exec "$VENV/bin/python" bench/run.py "$@" ;;
-    *) echo "usage: scripts/dev.sh demo|test|bench|setup [args]" >&2; exit 2 ;;
+    *) echo "usage: scripts/dev.sh demo|test|lint|bench|setup [args]" >&2; exit 2 ;;
 esac
