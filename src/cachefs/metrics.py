@@ -20,6 +20,12 @@ from .errors import EXIT_USAGE, UserError
 
 log = logging.getLogger(__name__)
 
+# Upper bounds (seconds) of the FUSE latency histogram buckets; the last bucket is open.
+# fuse/operations.py fills the histogram; defined here so that this module (which `cachefs stats`
+# imports for its percentiles) never imports the FUSE layer, and with it pyfuse3 and trio.
+LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
+                   0.5, 1.0, 2.5, 5.0, 10.0)
+
 # (metric name, stats key, help); counters get prometheus_client's `_total` suffix.
 COUNTERS = (
     ('cachefs_store_requests', 'store_requests', 'Ranged reads sent to the store.'),
@@ -167,8 +173,6 @@ def start_metrics_server(address, stats, latency):
     """Serve /metrics on `address` (HOST:PORT). `stats` is a callable returning the daemon's
     stats dict; `latency` is `Operations.latency` ({op: OpLatency}), read on every scrape."""
     from prometheus_client import CollectorRegistry, start_http_server
-
-    from .fuse.operations import LATENCY_BUCKETS
 
     host, port = parse_address(address)
     registry = CollectorRegistry(auto_describe=False)

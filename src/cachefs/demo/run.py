@@ -18,7 +18,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from ..cli import read_stats
+from .. import control
 from ..errors import EXIT_INTERNAL, EXIT_OK, EXIT_STORE, UserError
 from ..units import format_size, parse_size
 from .dataset import file_sha256, make_tfrecord_shards, parse_sample
@@ -30,6 +30,11 @@ log = logging.getLogger(__name__)
 
 BUCKET = 'cachefs-demo'
 PREFIX = 'imagenet-tfrecords/'
+
+
+def read_stats(mountpoint):
+    """The daemon's counters, through the control protocol (as `cachefs stats` reads them)."""
+    return control.open_mount(mountpoint).stats()
 
 
 def _read_epoch(mountpoint, names, seed):

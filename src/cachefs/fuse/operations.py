@@ -24,14 +24,11 @@ import time
 import pyfuse3
 
 from ..control import XATTR_CACHED, XATTR_PID, XATTR_STATS   # names of the control protocol
+from ..metrics import LATENCY_BUCKETS   # the histogram's bounds belong to the metrics they feed
 from ..namespace import ROOT_INODE, file_mode
 from ..ufs.errors import StoreError
 
 log = logging.getLogger(__name__)
-
-# Upper bounds (seconds) of the FUSE latency histogram buckets; the last bucket is open.
-LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
-                   0.5, 1.0, 2.5, 5.0, 10.0)
 
 
 class OpLatency:
