@@ -53,16 +53,15 @@ def main(argv=None):
         store.ensure(part)
         os.environ.update(store.env())
         s3 = S3Store(store.bucket, part.prefix + '/', endpoint_url=store.endpoint)
-        if s3._getter is None:
+        available = s3.read_paths()
+        if 'lean' not in available:
             raise SystemExit('the lean GET path is off with this botocore; nothing to compare')
         objects = list(s3.list_objects())[:options.objects]
-        lean_getter = s3._getter
 
-        def reads_with(getter):
-            """`S3Store.read` itself, on the lean path or (getter None) on its get_object path."""
+        def reads_through(path):
+            """`S3Store.read` itself, through one of its read paths ('lean', 'get_object')."""
             def read_all(chosen):
-                s3._getter = getter
-                return [s3.read(obj.key, obj.etag, 0, obj.size) for obj in chosen]
+                return [s3.read(obj.key, obj.etag, 0, obj.size, path=path) for obj in chosen]
             return read_all
 
         def trio_reads(chosen):
@@ -71,8 +70,8 @@ def main(argv=None):
                 return [await s3.read_async(obj.key, obj.etag, 0, obj.size) for obj in chosen]
             return trio.run(read_all)
 
-        paths = {'get_object': reads_with(None), 'lean': reads_with(lean_getter)}
-        if s3._trio_getter is not None:
+        paths = {'get_object': reads_through('get_object'), 'lean': reads_through('lean')}
+        if 'trio' in available:
             paths['trio'] = trio_reads
         for read_all in paths.values():
             measure(read_all, objects[:50])      # warm the connection pools

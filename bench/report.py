@@ -254,7 +254,8 @@ def results_section(result, text):
         lines.append(f"- **reduced run** (the full default run takes about an hour here): "
                      f"{m['reduced']}")
     lines += ['- versions: ' + '; '.join(f'{k}: {v}' for k, v in m['versions'].items()), '',
-              text, '', 'Command lines of the systems:', '']
+              text, '', 'Command lines of the systems (WORKDIR is the folder given as `--workdir`; '
+              '`python` the interpreter of the run):', '']
     for name, commands in result['commands'].items():
         # One line per system is enough: later mounts differ only in the prefix and options.
         lines.append(f'- {name}: `{commands[0]}`')
@@ -275,9 +276,8 @@ def write_results(path, section, body):
         '# cachefs benchmark results', '',
         'Written by `bench/run.py --write-results` (each run replaces its own section); see '
         '`bench/README.md` for what each figure means and how it is measured.', '',
-        '**cachefs is still being optimised by others: these figures are a snapshot of the code '
-        'at the date shown and will be re-run.** Figures on this shared 2-core machine are noisy '
-        '(+-30%).', '']
+        'Each section is a snapshot of the code at the date it shows. Figures on this shared '
+        '2-core machine are noisy (+-30%).', '']
     for name in SECTIONS:
         out += [f'## {_TITLE[name]}', '', f'<!-- {name}:begin -->', sections[name],
                 f'<!-- {name}:end -->', '']

@@ -38,6 +38,7 @@ class Store:
 
     def __init__(self, workdir):
         workdir = Path(workdir)
+        workdir.mkdir(parents=True, exist_ok=True)    # get_cost.py may be the first to use it
         self.server = SeaweedServer(workdir / 'seaweedfs', secret_key=_secret(workdir),
                                     log_path=workdir / 'seaweedfs.log')
         self.bucket = BUCKET

@@ -121,10 +121,24 @@ class System:
         return path
 
     def _remember(self, command):
-        text = ' '.join(str(c) for c in command)
+        log.info('$ %s', ' '.join(str(c) for c in command))
+        text = ' '.join(portable(c, self.rundir.parent) for c in command)
         if text not in self.commands:
             self.commands.append(text)
-        log.info('$ %s', text)
+
+
+def portable(argument, workdir):
+    """One argument of a command line as the report shows it: without this machine's paths,
+    so that it reads the same from any checkout and work folder. The interpreter becomes
+    `python`, and the work folder (`--workdir`, where the run folder, mounts and caches live)
+    `WORKDIR`, also inside an option value (`use_cache=...`)."""
+    text = str(argument)
+    if text == sys.executable:
+        return 'python'
+    workdir = str(Path(workdir).absolute())
+    if text == workdir:
+        return 'WORKDIR'
+    return text.replace(workdir + '/', 'WORKDIR/')
 
 
 def _fuse_missing():

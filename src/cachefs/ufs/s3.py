@@ -171,9 +171,25 @@ class S3Store(Store):
     def _reading(self, key):
         return f'reading {self.bucket}/{self.prefix}{key}'
 
-    def read(self, key, etag, offset, length):
+    def read_paths(self) -> tuple[str, ...]:
+        """The ways this store can read an object, by name: 'get_object' (botocore, always),
+        'lean' (`s3_get`, in worker threads) and 'trio' (`s3_trio`, `read_async`) where this
+        botocore and endpoint allow them. For measuring one against another (bench/get_cost.py);
+        the daemon calls `read` and `read_async` without a path and lets them choose."""
+        paths = ['get_object']
+        if self._getter is not None:
+            paths.append('lean')
+        if self._trio_getter is not None:
+            paths.append('trio')
+        return tuple(paths)
+
+    def read(self, key: str, etag: str, offset: int, length: int,
+             path: str | None = None) -> bytes:
+        """`length` bytes of `key` at `offset`, of the version `etag`. `path` ('get_object' or
+        'lean', from `read_paths()`) reads the way `read` would if that path were the only one
+        (a lean read still hands an answer it does not handle to get_object); None chooses."""
         what = self._reading(key)
-        getter = self._getter
+        getter = self._getter if path is None else self._getter_for(path)
         if getter is not None and not self._sdk_reads.active():
             try:
                 data = getter.get(self.prefix + key, etag, offset, length)
@@ -212,6 +228,13 @@ class S3Store(Store):
         if len(data) != length:
             raise TransientError(f'{what}: got {len(data)} bytes of {length}')
         return data
+
+    def _getter_for(self, path: str) -> RangedGetter | None:
+        if path == 'get_object':
+            return None
+        if path == 'lean' and self._getter is not None:
+            return self._getter
+        raise ValueError(f'no read path {path!r} for read(); this store has {self.read_paths()}')
 
     async def read_async(self, key, etag, offset, length):
         """`read` on the trio thread (`s3_trio`); None when this read must go through `read` in
