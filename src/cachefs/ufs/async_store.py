@@ -34,9 +34,12 @@ import logging
 import math
 import random
 import time
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import trio
 
+from .base import ObjectInfo, Store
 from .errors import StoreError, TransientError
 
 log = logging.getLogger(__name__)
@@ -44,17 +47,19 @@ log = logging.getLogger(__name__)
 _FIRST_BACKOFF = 0.05
 _MAX_BACKOFF = 5.0
 
+T = TypeVar('T')
+
 
 class RetryBudget:
     """Exponential backoff with full jitter, bounded by a total time budget."""
 
     __slots__ = ('deadline', '_backoff')
 
-    def __init__(self, retry_timeout):
+    def __init__(self, retry_timeout: float) -> None:
         self.deadline = time.monotonic() + retry_timeout
         self._backoff = _FIRST_BACKOFF
 
-    def delay_after(self, exc):
+    def delay_after(self, exc: StoreError) -> float | None:
         """Seconds to wait before retrying after `exc`, or None when it must be raised."""
         delay = random.uniform(0, self._backoff)
         if not exc.retryable or time.monotonic() + delay >= self.deadline:
@@ -66,7 +71,7 @@ class RetryBudget:
 class StoreCounters:
     __slots__ = ('requests', 'bytes', 'retries', 'errors', 'in_flight')
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.requests = 0
         self.bytes = 0
         self.retries = 0
@@ -74,7 +79,7 @@ class StoreCounters:
         self.in_flight = 0
 
 
-def _what(fn, args):
+def _what(fn: Callable[..., Any], args: tuple[Any, ...]) -> str:
     """A call, for messages: its name and its key (quoted: a key may hold any character)."""
     name = getattr(fn, '__name__', 'request')
     return f'{name} {args[0]!r}' if args else name
@@ -85,7 +90,8 @@ class ShuttingDown(StoreError):
 
 
 class AsyncStore:
-    def __init__(self, store, max_concurrency=32, retry_timeout=60.0):
+    def __init__(self, store: Store, max_concurrency: int = 32,
+                 retry_timeout: float = 60.0) -> None:
         if not isinstance(max_concurrency, int) or max_concurrency < 1:
             # zero slots would make every uncached read wait forever
             raise ValueError(f'the store concurrency must be at least 1, not {max_concurrency!r}')
@@ -96,17 +102,20 @@ class AsyncStore:
         self._slots = trio.CapacityLimiter(max_concurrency)
         # worker threads alive: those of attempts under way and abandoned ones still running
         self._threads = trio.CapacityLimiter(2 * max_concurrency)
-        self.request_timeout = getattr(store, 'request_timeout', None)   # None: no bound
-        self._calls = set()        # cancel scopes of the calls under way
+        # None: no bound
+        self.request_timeout: float | None = getattr(store, 'request_timeout', None)
+        self._calls: set[trio.CancelScope] = set()     # cancel scopes of the calls under way
         self._closing = False
 
-    def shut_down(self):
+    def shut_down(self) -> None:
         """Fail every store call under way, and every later one, with `ShuttingDown`."""
         self._closing = True
         for scope in list(self._calls):
             scope.cancel()
 
-    async def read(self, key, etag, offset, length):
+    async def read(self, key: str, etag: str, offset: int, length: int) -> bytes | bytearray:
+        """`length` bytes of `key` at `offset` of version `etag` (`Store.read`); the trio path
+        answers with a bytearray it filled in place."""
         data = None
         native = getattr(self.store, 'read_async', None)
         if native is not None:
@@ -116,17 +125,18 @@ class AsyncStore:
         self.counters.bytes += len(data)
         return data
 
-    async def stat(self, key):
+    async def stat(self, key: str) -> ObjectInfo:
         return await self._call(self.store.stat, key)
 
-    async def list_objects(self):
+    async def list_objects(self) -> list[ObjectInfo]:
         # One thread call for the whole listing: pagination is sequential anyway. A listing of
         # many pages may rightly take longer than one request, so it has no overall deadline.
-        def listing():
+        def listing() -> list[ObjectInfo]:
             return list(self.store.list_objects())
         return await self._call(listing, bounded=False)
 
-    async def _call(self, fn, *args, bounded=True, native=False):
+    async def _call(self, fn: Callable[..., Any], *args: Any, bounded: bool = True,
+                    native: bool = False) -> Any:
         """`fn(*args)` with retries; `in_flight` counts the calls under way, backoffs included."""
         if self._closing:
             raise ShuttingDown(f'{_what(fn, args)}: the mount is shutting down')
@@ -142,7 +152,8 @@ class AsyncStore:
             self._calls.discard(scope)
             self.counters.in_flight -= 1
 
-    async def _attempts(self, fn, args, bounded, native):
+    async def _attempts(self, fn: Callable[..., Any], args: tuple[Any, ...], bounded: bool,
+                        native: bool) -> Any:
         budget = RetryBudget(self.retry_timeout)
         timeout = self.request_timeout if bounded and self.request_timeout else math.inf
         while True:
@@ -176,7 +187,7 @@ class AsyncStore:
                 await trio.sleep(delay)
 
 
-def call_with_retries(fn, *args, retry_timeout=60.0):
+def call_with_retries(fn: Callable[..., T], *args: Any, retry_timeout: float = 60.0) -> T:
     """The same retry policy for blocking callers outside trio (the mount's initial listing)."""
     budget = RetryBudget(retry_timeout)
     while True:

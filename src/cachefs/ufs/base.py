@@ -6,6 +6,7 @@ ends in '/' is a directory marker. All methods raise `ufs.errors.StoreError` sub
 """
 
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 log = logging.getLogger(__name__)
@@ -23,16 +24,16 @@ class Store:
     """One bucket prefix (or local folder). Subclasses implement the four methods below."""
 
     #: URL-like name for messages and the cache folder, never containing secrets
-    source = ''
+    source: str = ''
     #: seconds one call of `read` or `stat` may take in all (None: unbounded); `AsyncStore`
     #: abandons an attempt that takes longer, whatever the SDK's per-socket timeouts say
-    request_timeout = None
+    request_timeout: float | None = None
 
-    def list_objects(self):
+    def list_objects(self) -> Iterator[ObjectInfo]:
         """Yield an `ObjectInfo` for every object under the prefix, paginating as needed."""
         raise NotImplementedError
 
-    def read(self, key, etag, offset, length):
+    def read(self, key: str, etag: str, offset: int, length: int) -> bytes:
         """Return exactly `length` bytes of `key` from `offset`, only if its version is `etag`.
 
         Raises `ObjectChanged` when the object is no longer that version, so that a block of a
@@ -40,14 +41,14 @@ class Store:
         """
         raise NotImplementedError
 
-    def stat(self, key):
+    def stat(self, key: str) -> ObjectInfo:
         """Return the `ObjectInfo` of one object (raises `ObjectNotFound`)."""
         raise NotImplementedError
 
-    def check_access(self):
+    def check_access(self) -> bool:
         """Cheaply prove that the bucket exists and the credentials work; return True when at
         least one object exists under the prefix (so a missing prefix can be told apart)."""
         raise NotImplementedError
 
-    def close(self):
+    def close(self) -> None:
         pass

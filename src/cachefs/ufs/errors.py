@@ -35,7 +35,8 @@ class CredentialsMissing(AccessDenied):
 
 
 class ObjectChanged(StoreError):
-    """The object no longer has the ETag we listed: its bytes must not be mixed with the old ones."""
+    """The object no longer has the ETag we listed: its bytes must not be mixed with the old
+    ones."""
 
     errno = errno.EIO
 

@@ -24,6 +24,7 @@ import logging
 import os
 import stat
 from collections import Counter
+from collections.abc import Iterator
 
 from .base import ObjectInfo, Store
 from .errors import AccessDenied, BucketNotFound, ObjectChanged, ObjectNotFound, StoreError
@@ -35,21 +36,21 @@ _OPEN_FLAGS = os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY
 _PROC_FD = '/proc/self/fd'
 
 
-def _etag(st):
+def _etag(st: os.stat_result) -> str:
     return f'{st.st_ino:x}-{st.st_mtime_ns:x}-{st.st_size:x}-{st.st_ctime_ns:x}'
 
 
-def _legacy_etag(st):
+def _legacy_etag(st: os.stat_result) -> str:
     # The form before ctime was part of the version; a listing saved by an older cachefs carries
     # it, and is honoured (with that version's weaker check) until the next listing replaces it.
     return f'{st.st_ino:x}-{st.st_mtime_ns:x}-{st.st_size:x}'
 
 
-def _version(st, etag):
+def _version(st: os.stat_result, etag: str) -> str:
     return _legacy_etag(st) if etag.count('-') == 2 else _etag(st)
 
 
-def _translate(exc, what):
+def _translate(exc: OSError, what: str) -> StoreError:
     if exc.errno == errno.ENOENT:
         return ObjectNotFound(f'{what!r}: not found')
     if exc.errno in (errno.EACCES, errno.EPERM):
@@ -57,34 +58,35 @@ def _translate(exc, what):
     return StoreError(f'{what!r}: {os.strerror(exc.errno or errno.EIO)}')
 
 
-def _is_inside(path, root):
+def _is_inside(path: str, root: str) -> bool:
     """Whether the real path `path` is `root` or under it (both already resolved)."""
     return path == root or path.startswith(root.rstrip('/') + '/')
 
 
 class LocalStore(Store):
-    def __init__(self, root):
+    def __init__(self, root: str) -> None:
         self.root = os.path.abspath(root)
         self.source = 'file://' + self.root
         # The boundary links may not cross; the root itself may well be a link (/data -> /nfs/data).
         self.real_root = os.path.realpath(self.root)
 
-    def _path(self, key):
+    def _path(self, key: str) -> str:
         return os.path.join(self.root, key)
 
-    def list_objects(self):
+    def list_objects(self) -> Iterator[ObjectInfo]:
         try:
             st = os.stat(self.root)
         except OSError as exc:
             raise _translate(exc, self.root) from None
         self.real_root = os.path.realpath(self.root)
-        outside = Counter()
+        outside: Counter[str] = Counter()
         yield from self._walk(self.root, '', frozenset({(st.st_dev, st.st_ino)}), outside)
         if outside:
             log.warning('skipped %d link(s) that lead outside the source folder %r, e.g. %r',
                         sum(outside.values()), self.real_root, next(iter(outside)))
 
-    def _walk(self, folder, key_prefix, ancestors, outside):
+    def _walk(self, folder: str, key_prefix: str, ancestors: frozenset[tuple[int, int]],
+              outside: Counter[str]) -> Iterator[ObjectInfo]:
         # `ancestors`: the (device, inode) of every folder on the way here, so that a link back
         # to one of them (`ln -s .. loop`) is skipped instead of walked 40 levels deep (and
         # 2**40 times with two such links).
@@ -115,7 +117,7 @@ class LocalStore(Store):
             elif stat.S_ISREG(st.st_mode):
                 yield ObjectInfo(key, st.st_size, _etag(st), st.st_mtime_ns)
 
-    def _open(self, key):
+    def _open(self, key: str) -> int:
         """An fd on the regular file `key`, only if it really lies inside the source folder."""
         try:
             fd = os.open(self._path(key), _OPEN_FLAGS)
@@ -133,7 +135,7 @@ class LocalStore(Store):
             os.close(fd)
             raise
 
-    def _real_path(self, fd, key):
+    def _real_path(self, fd: int, key: str) -> str:
         try:
             # A deleted file reads as '/path (deleted)': inside or not, the version check fails.
             return os.readlink(f'{_PROC_FD}/{fd}')
@@ -149,7 +151,7 @@ class LocalStore(Store):
             pass
         return ''
 
-    def read(self, key, etag, offset, length):
+    def read(self, key: str, etag: str, offset: int, length: int) -> bytes:
         fd = self._open(key)
         try:
             st = os.fstat(fd)
@@ -166,7 +168,7 @@ class LocalStore(Store):
             raise ObjectChanged(f'{key!r}: shorter than listed')
         return data
 
-    def stat(self, key):
+    def stat(self, key: str) -> ObjectInfo:
         fd = self._open(key)
         try:
             st = os.fstat(fd)
@@ -178,7 +180,7 @@ class LocalStore(Store):
             raise ObjectNotFound(f'{key!r}: not a regular file')
         return ObjectInfo(key, st.st_size, _etag(st), st.st_mtime_ns)
 
-    def check_access(self):
+    def check_access(self) -> bool:
         try:
             if not os.path.isdir(self.root):
                 raise BucketNotFound(f'{self.root}: no such directory')

@@ -7,6 +7,8 @@ no scheme is given). oss2's own retries are off: `async_store` owns the retry po
 
 import logging
 import os
+from collections.abc import Iterator
+from typing import Any
 
 import oss2
 import oss2.defaults
@@ -27,7 +29,7 @@ _TRANSIENT = {'RequestTimeTooSkewed', 'RequestTimeout', 'InternalError', 'Servic
               'Throttling', 'QpsLimitExceeded', 'TooManyRequests'}
 
 
-def translate(exc, what):
+def translate(exc: BaseException, what: str) -> StoreError:
     """Map an oss2 exception to a `StoreError`; secrets never reach the message."""
     if isinstance(exc, oss2.exceptions.RequestError):
         cause = exc.exception
@@ -57,7 +59,8 @@ _SDK_ERRORS = (oss2.exceptions.OssError, OSError, requests.exceptions.RequestExc
 
 
 class OssStore(Store):
-    def __init__(self, bucket, prefix, endpoint_url, request_timeout=30.0, path_style=False):
+    def __init__(self, bucket: str, prefix: str, endpoint_url: str,
+                 request_timeout: float = 30.0, path_style: bool = False) -> None:
         key_id = os.environ.get('OSS_ACCESS_KEY_ID')
         secret = os.environ.get('OSS_ACCESS_KEY_SECRET')
         token = os.environ.get('OSS_SESSION_TOKEN')
@@ -77,7 +80,7 @@ class OssStore(Store):
                                   enable_crc=False, app_name='cachefs', is_path_style=path_style)
         self.source = f'oss://{bucket}/{prefix}'.rstrip('/')
 
-    def list_objects(self):
+    def list_objects(self) -> Iterator[ObjectInfo]:
         start = len(self.prefix)
         try:
             for item in oss2.ObjectIteratorV2(self.bucket, prefix=self.prefix, max_keys=1000,
@@ -87,20 +90,22 @@ class OssStore(Store):
         except _SDK_ERRORS as exc:
             raise translate(exc, f'listing {self.source}') from None
 
-    def read(self, key, etag, offset, length):
+    def read(self, key: str, etag: str, offset: int, length: int) -> bytes:
         what = f'reading {self.bucket_name}/{self.prefix}{key}'
-        result = None
+        result: Any = None
         try:
             # 'standard' makes an unsatisfiable range an error instead of a silent whole-object
             # reply.
             headers = {'If-Match': etags.if_match(etag), 'x-oss-range-behavior': 'standard'}
-            result = self.bucket.get_object(self.prefix + key, byte_range=(offset, offset + length - 1),
+            result = self.bucket.get_object(self.prefix + key,
+                                            byte_range=(offset, offset + length - 1),
                                             headers=headers)
             # The lean S3 paths' checks, before any of the body is read: a whole-object 200,
             # another range or length, another version (the store ignored If-Match).
             size = check_ranged_answer(result.status, header_values(result.headers), etag,
                                        offset, length)
-            pieces, received = [], 0
+            pieces: list[bytes] = []
+            received = 0
             while received < length:    # never more than the block, whatever comes after it
                 piece = result.read(length - received)
                 if not piece:
@@ -122,7 +127,7 @@ class OssStore(Store):
             raise TransientError(f'{what}: got {len(data)} bytes of {length}')
         return data
 
-    def stat(self, key):
+    def stat(self, key: str) -> ObjectInfo:
         try:
             head = self.bucket.head_object(self.prefix + key)
         except _SDK_ERRORS as exc:
@@ -130,7 +135,7 @@ class OssStore(Store):
         return ObjectInfo(key, head.content_length, head.etag.strip('"'),
                           int(head.last_modified) * 1_000_000_000)
 
-    def check_access(self):
+    def check_access(self) -> bool:
         try:
             result = self.bucket.list_objects_v2(prefix=self.prefix, max_keys=1)
         except _SDK_ERRORS as exc:

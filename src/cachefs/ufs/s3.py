@@ -8,6 +8,8 @@ policy lives in `async_store` so that it is the same for every store and bounded
 import logging
 import os
 import stat
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 import boto3
 import botocore.exceptions
@@ -27,7 +29,7 @@ from .s3_trio import TrioGetter
 log = logging.getLogger(__name__)
 
 
-def translate(exc, what):
+def translate(exc: BaseException, what: str) -> StoreError:
     """Map a boto3/botocore exception to a `StoreError`; secrets never reach the message."""
     if isinstance(exc, botocore.exceptions.ClientError):
         error = exc.response.get('Error', {})
@@ -48,7 +50,7 @@ _SDK_ERRORS = (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientErro
                urllib3.exceptions.HTTPError)
 
 
-def warn_about_loose_credentials_files(environ=os.environ):
+def warn_about_loose_credentials_files(environ: Mapping[str, str] = os.environ) -> None:
     """One warning per AWS file holding secrets that group or others may read: the shared
     credentials file, and the config file when it holds a secret key too."""
     files = [(environ.get('AWS_SHARED_CREDENTIALS_FILE') or '~/.aws/credentials', False),
@@ -70,8 +72,10 @@ def warn_about_loose_credentials_files(environ=os.environ):
 
 
 class S3Store(Store):
-    def __init__(self, bucket, prefix, endpoint_url=None, region=None, path_style=False,
-                 request_timeout=30.0, no_sign_request=False, max_connections=64):
+    def __init__(self, bucket: str, prefix: str, endpoint_url: str | None = None,
+                 region: str | None = None, path_style: bool = False,
+                 request_timeout: float = 30.0, no_sign_request: bool = False,
+                 max_connections: int = 64) -> None:
         self.bucket = bucket
         self.prefix = prefix
         self.request_timeout = request_timeout
@@ -133,7 +137,7 @@ class S3Store(Store):
             log.info('%s go through %s: %s', what, sdk_call, exc)
             return None
 
-    def list_objects(self):
+    def list_objects(self) -> Iterator[ObjectInfo]:
         start = len(self.prefix)
         what = f'listing {self.source}'
         token = None
@@ -149,7 +153,7 @@ class S3Store(Store):
             if token is None:
                 return
 
-    def _list_page(self, token):
+    def _list_page(self, token: str | None) -> tuple[Any, str | None]:
         """(objects as (key, size, etag, mtime_ns), next page's token or None)."""
         lister = self._lister
         if lister is not None and not self._sdk_lists.active():
@@ -168,7 +172,7 @@ class S3Store(Store):
                    for item in page.get('Contents', ())]
         return objects, page.get('NextContinuationToken') if page.get('IsTruncated') else None
 
-    def _reading(self, key):
+    def _reading(self, key: str) -> str:
         return f'reading {self.bucket}/{self.prefix}{key}'
 
     def read_paths(self) -> tuple[str, ...]:
@@ -236,7 +240,8 @@ class S3Store(Store):
             return self._getter
         raise ValueError(f'no read path {path!r} for read(); this store has {self.read_paths()}')
 
-    async def read_async(self, key, etag, offset, length):
+    async def read_async(self, key: str, etag: str, offset: int,
+                         length: int) -> bytearray | None:
         """`read` on the trio thread (`s3_trio`); None when this read must go through `read` in
         a worker thread instead (no trio path, or an answer it does not handle)."""
         getter = self._trio_getter
@@ -252,7 +257,7 @@ class S3Store(Store):
             self._threaded_reads.refused(self._reading(key), exc)
             return None
 
-    def stat(self, key):
+    def stat(self, key: str) -> ObjectInfo:
         try:
             head = self.client.head_object(Bucket=self.bucket, Key=self.prefix + key)
         except _SDK_ERRORS as exc:
@@ -260,14 +265,14 @@ class S3Store(Store):
         return ObjectInfo(key, head['ContentLength'], head['ETag'].strip('"'),
                           int(head['LastModified'].timestamp() * 1e9))
 
-    def check_access(self):
+    def check_access(self) -> bool:
         try:
             page = self.client.list_objects_v2(Bucket=self.bucket, Prefix=self.prefix, MaxKeys=1)
         except _SDK_ERRORS as exc:
             raise translate(exc, f'listing {self.source}') from None
         return bool(page.get('KeyCount') or page.get('Contents'))
 
-    def close(self):
+    def close(self) -> None:
         if self._credentials is not None:
             self._credentials.close()
         self.client.close()

@@ -26,6 +26,7 @@ Static credentials (keys in the environment or a file) never expire: no thread.
 import logging
 import threading
 import time
+from typing import Any
 
 from botocore.credentials import RefreshableCredentials
 
@@ -39,7 +40,7 @@ FIRST_RETRY = 0.25
 MAX_RETRY = 30.0
 
 
-def _expiry_of(credentials):
+def _expiry_of(credentials: Any) -> float | None:
     """Seconds since the epoch when `credentials` expire, or None (no expiry known)."""
     expiry = getattr(credentials, '_expiry_time', None)
     return expiry.timestamp() if expiry is not None else None
@@ -48,21 +49,23 @@ def _expiry_of(credentials):
 class CredentialKeeper:
     """The latest frozen credentials, refreshed off the caller's thread; see the module doc."""
 
-    def __init__(self, credentials):
+    def __init__(self, credentials: Any) -> None:
         self._source = credentials
         self._refreshable = isinstance(credentials, RefreshableCredentials)
-        self._current = None       # (frozen, expiry or None, refresh at, usable until)
+        # (frozen, expiry, refresh at, usable until): the last three are None for a set that
+        # never expires
+        self._current: tuple[Any, float | None, float | None, float | None]
         self._closed = threading.Event()
         self.refreshes = 0
         self.failed_refreshes = 0
         self._take(credentials.get_frozen_credentials())     # at start: may block, may raise
-        self._thread = None
+        self._thread: threading.Thread | None = None
         if self._refreshable and self._current[1] is not None:
             self._thread = threading.Thread(target=self._run, daemon=True,
                                             name='cachefs-credentials')
             self._thread.start()
 
-    def _take(self, frozen):
+    def _take(self, frozen: Any) -> None:
         expiry = _expiry_of(self._source) if self._refreshable else None
         if expiry is None:
             self._current = (frozen, None, None, None)
@@ -71,23 +74,28 @@ class CredentialKeeper:
         self._current = (frozen, expiry, expiry - min(MAX_MARGIN, lifetime / 2),
                          expiry - min(MAX_SLACK, lifetime / 10))
 
-    def get_frozen_credentials(self):
+    def get_frozen_credentials(self) -> Any:
         """The set to sign with now; never blocks. Raises `TransientError` when the set in hand
         is (about to be) expired and no refresh has succeeded yet."""
         frozen, expiry, _, usable_until = self._current
-        if usable_until is not None and time.time() >= usable_until:
+        if expiry is not None and usable_until is not None and time.time() >= usable_until:
             raise TransientError('the AWS credentials expire at %s and their refresh has not '
                                  'succeeded yet' % time.strftime('%H:%M:%S',
                                                                  time.localtime(expiry)))
         return frozen
 
-    def close(self):
+    def close(self) -> None:
         self._closed.set()
 
-    def _run(self):
+    def _run(self) -> None:
         delay = FIRST_RETRY
         while True:
             _, expiry, refresh_at, usable_until = self._current
+            if refresh_at is None or usable_until is None:
+                # a refresh handed out a set that never expires: nothing left to refresh (the
+                # next line would raise TypeError and end this thread with a traceback)
+                log.debug('the AWS credentials no longer expire; refresh thread ends')
+                return
             if self._closed.wait(max(refresh_at - time.time(), 0.0)):
                 return
             started = time.monotonic()
@@ -106,8 +114,10 @@ class CredentialKeeper:
                     self._take(frozen)
                     self.refreshes += 1
                     delay = FIRST_RETRY
-                    log.debug('refreshed the AWS credentials in %.2fs; they expire in %.0fs',
-                              time.monotonic() - started, self._current[1] - time.time())
+                    new_expiry = self._current[1]
+                    log.debug('refreshed the AWS credentials in %.2fs; they expire in %s',
+                              time.monotonic() - started, 'never' if new_expiry is None
+                              else '%.0fs' % (new_expiry - time.time()))
                     continue
                 # not rotated yet (instance metadata hands out a new set only minutes before
                 # the old one expires), or another thread's refresh held botocore's lock

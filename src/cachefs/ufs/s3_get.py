@@ -184,10 +184,10 @@ class LeanRequests:
 
     @staticmethod
     def _error(status, body):
-        code = _ERROR_CODE.search(body)
-        message = _ERROR_MESSAGE.search(body)
-        code = code.group(1).decode('ascii', 'replace') if code else ''
-        message = message.group(1).decode('utf-8', 'replace') if message else ''
+        code_match = _ERROR_CODE.search(body)
+        message_match = _ERROR_MESSAGE.search(body)
+        code = code_match.group(1).decode('ascii', 'replace') if code_match else ''
+        message = message_match.group(1).decode('utf-8', 'replace') if message_match else ''
         raise classify(code, status, f'{code or status} {message}'.rstrip())
 
 

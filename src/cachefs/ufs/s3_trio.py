@@ -27,6 +27,8 @@ and load balancers close idle connections (nginx after 1,000 requests, many afte
 idle), and new connections follow DNS to the store's current front ends.
 """
 
+from __future__ import annotations
+
 import re
 import select
 import ssl
@@ -47,6 +49,8 @@ _IDLE_CONNECTIONS = 64
 _MAX_IDLE_SECONDS = 15.0      # a pooled connection idle for longer is closed, not reused
 _MAX_AGE_SECONDS = 300.0      # nor is one opened longer ago
 _MAX_REQUESTS = 1000          # nor one that carried this many requests
+# a plain TCP connection, or TLS over one
+_Stream = trio.SocketStream | trio.SSLStream[trio.SocketStream]
 _BROKEN = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
 
 _STATUS_LINE = re.compile(r'HTTP/1\.([01]) ([0-9]{3})(?: [^\x00-\x08\x0a-\x1f\x7f]*)?')
@@ -58,7 +62,7 @@ _REQUEST_VALUE = re.compile(r'[\x20-\x7e\t]*')   # what a header value we send m
 class _Connection:
     """One HTTP/1.1 connection: a trio stream and the bytes received past the last answer."""
 
-    def __init__(self, stream):
+    def __init__(self, stream: _Stream) -> None:
         self.stream = stream
         # Plain TCP: receive straight into the caller's buffer (no intermediate copy).
         self.socket = stream.socket if isinstance(stream, trio.SocketStream) else None
@@ -100,10 +104,10 @@ class _Connection:
             raise TransientError('the store closed the connection')
         return count
 
-    def _socket(self):
+    def _socket(self) -> trio.socket.SocketType:
         stream = self.stream
-        while not isinstance(stream, trio.SocketStream):
-            stream = stream.transport_stream     # an SSLStream over a SocketStream
+        if isinstance(stream, trio.SSLStream):      # an SSLStream over a SocketStream
+            return stream.transport_stream.socket
         return stream.socket
 
     def close(self):
@@ -134,7 +138,7 @@ def _parse_head(head):
     status = _STATUS_LINE.fullmatch(lines[0])
     if status is None:
         raise TransientError(f'not an HTTP/1.x answer: {lines[0][:80]!r}')
-    headers = {}
+    headers: dict[str, list[str]] = {}
     for line in lines[1:]:
         header = _HEADER_LINE.fullmatch(line)
         if header is None:
@@ -262,17 +266,18 @@ class TrioGetter(LeanRequests):
             connection.requests += 1
             return connection, True
         try:
-            stream = await trio.open_tcp_stream(self._host, self._port)
+            tcp = await trio.open_tcp_stream(self._host, self._port)
         except OSError as exc:
             raise EndpointUnreachable(f'cannot connect to {self._host}:{self._port} '
                                       f'({exc.strerror or exc})') from None
+        stream: _Stream = tcp
         if self._ssl is not None:
-            stream = trio.SSLStream(stream, self._ssl, server_hostname=self._host,
+            stream = trio.SSLStream(tcp, self._ssl, server_hostname=self._host,
                                     https_compatible=True)
             try:
                 await stream.do_handshake()
             except (trio.BrokenResourceError, ssl.SSLError) as exc:
-                stream.transport_stream.socket.close()
+                tcp.socket.close()
                 raise EndpointUnreachable(f'TLS with {self._host}:{self._port} failed: '
                                           f'{exc}') from None
         connection = _Connection(stream)
