@@ -22,6 +22,9 @@ import logging
 import os
 import stat
 from collections import Counter
+from collections.abc import Iterable
+
+from .ufs.base import ObjectInfo
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +38,8 @@ class Node:
     __slots__ = ('inode', 'name', 'parent', 'key', 'size', 'etag', 'mtime_ns', 'children',
                  'sorted_names')
 
-    def __init__(self, inode, name, parent, key, size=0, etag='', mtime_ns=0, is_dir=False):
+    def __init__(self, inode: int, name: bytes, parent: int, key: str, size: int = 0,
+                 etag: str = '', mtime_ns: int = 0, is_dir: bool = False) -> None:
         self.inode = inode
         self.name = name              # bytes, as FUSE wants it
         self.parent = parent          # parent inode (the root is its own parent)
@@ -43,42 +47,44 @@ class Node:
         self.size = size
         self.etag = etag
         self.mtime_ns = mtime_ns
-        self.children = {} if is_dir else None
-        self.sorted_names = None
+        self.children: dict[bytes, Node] | None = {} if is_dir else None
+        self.sorted_names: list[bytes] | None = None
 
     @property
-    def is_dir(self):
+    def is_dir(self) -> bool:
         return self.children is not None
 
 
 class Tree:
-    def __init__(self, nodes, file_count, dir_count, total_bytes):
+    def __init__(self, nodes: dict[int, Node], file_count: int, dir_count: int,
+                 total_bytes: int) -> None:
         self.nodes = nodes            # inode -> Node
         self.root = nodes[ROOT_INODE]
         self.file_count = file_count
         self.dir_count = dir_count
         self.total_bytes = total_bytes
 
-    def get(self, inode):
+    def get(self, inode: int) -> Node | None:
         return self.nodes.get(inode)
 
-    def lookup(self, parent_inode, name):
+    def lookup(self, parent_inode: int, name: bytes) -> Node | None:
         parent = self.nodes.get(parent_inode)
         if parent is None or parent.children is None:
             return None
         return parent.children.get(name)
 
-    def by_key(self, key):
+    def by_key(self, key: str) -> Node | None:
         """The node for a store key (slow: walks from the root; for tools, not the read path)."""
         node = self.root
         for part in key.strip('/').split('/') if key.strip('/') else ():
-            node = node.children.get(os.fsencode(part)) if node.children is not None else None
-            if node is None:
+            child = node.children.get(os.fsencode(part)) if node.children is not None else None
+            if child is None:
                 return None
+            node = child
         return node
 
 
-def _key_problem(key):
+def _key_problem(key: str) -> str | None:
     """Why `key` cannot be a POSIX path, or None when it can."""
     if '\0' in key:
         return 'contains a NUL byte'
@@ -94,10 +100,10 @@ def _key_problem(key):
 class _InodeAllocator:
     """Inode = 63-bit hash of the path; on a (rare) collision, rehash with a counter."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.used = {ROOT_INODE}
 
-    def allocate(self, path):
+    def allocate(self, path: bytes) -> int:
         salt = b''
         counter = 0
         while True:
@@ -110,12 +116,12 @@ class _InodeAllocator:
             salt = counter.to_bytes(4, 'little')
 
 
-def build_tree(objects, listed_at_ns=0):
+def build_tree(objects: Iterable[ObjectInfo], listed_at_ns: int = 0) -> Tree:
     """Build a `Tree` from an iterable of `ufs.base.ObjectInfo`."""
-    problems = Counter()
-    examples = {}
+    problems: Counter[str] = Counter()
+    examples: dict[str, str] = {}
 
-    def skip(key, why):
+    def skip(key: str, why: str) -> None:
         problems[why] += 1
         examples.setdefault(why, key)
 
@@ -153,6 +159,7 @@ def build_tree(objects, listed_at_ns=0):
         parent = dirs_by_key[parent_key]
         node = Node(allocator.allocate(os.fsencode(folder) + b'/'), os.fsencode(name),
                     parent.inode, folder + '/', mtime_ns=listed_at_ns, is_dir=True)
+        assert parent.children is not None          # dirs_by_key holds folders only
         parent.children[node.name] = node
         nodes[node.inode] = node
         dirs_by_key[folder] = node
@@ -169,26 +176,29 @@ def build_tree(objects, listed_at_ns=0):
         identity = os.fsencode(obj.key) + b'\0' + obj.etag.encode()
         node = Node(allocator.allocate(identity), os.fsencode(name), parent.inode,
                     obj.key, obj.size, obj.etag, obj.mtime_ns)
+        assert parent.children is not None
         parent.children[node.name] = node
         nodes[node.inode] = node
         total_bytes += obj.size
         file_count += 1
 
     for node in dirs_by_key.values():
-        node.sorted_names = sorted(node.children)
-        if node.children:
-            node.mtime_ns = max(child.mtime_ns for child in node.children.values()) or listed_at_ns
+        children = node.children
+        assert children is not None
+        node.sorted_names = sorted(children)
+        if children:
+            node.mtime_ns = max(child.mtime_ns for child in children.values()) or listed_at_ns
 
     for why, count in sorted(problems.items()):
         log.warning('skipped %d key(s) that %s, e.g. %r', count, why, examples[why])
     return Tree(nodes, file_count, len(dirs_by_key), total_bytes)
 
 
-def file_mode(node):
+def file_mode(node: Node) -> int:
     return (stat.S_IFDIR | 0o555) if node.is_dir else (stat.S_IFREG | 0o444)
 
 
-def tree_changes(old, new):
+def tree_changes(old: Tree, new: Tree) -> tuple[list[int], list[tuple[int, bytes]]]:
     """What the kernel must forget when `new` replaces `old`.
 
     Returns (folder inodes whose list of names changed, (parent inode, name) entries to forget:
@@ -196,8 +206,8 @@ def tree_changes(old, new):
     so it shows up as an entry to forget, not as changed data; a new name may sit in the kernel
     as a cached negative lookup, which must go too.
     """
-    changed = []
-    entries = []
+    changed: list[int] = []
+    entries: list[tuple[int, bytes]] = []
     for inode, node in old.nodes.items():
         fresh = new.nodes.get(inode)
         if fresh is None or fresh.key != node.key:
