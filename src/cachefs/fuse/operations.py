@@ -13,6 +13,8 @@ Control channel: extended attributes of the root folder (`user.cachefs.pid`,
 mount without any file or socket of their own; `control.py` owns that protocol.
 """
 
+from __future__ import annotations
+
 import bisect
 import errno
 import functools
@@ -20,44 +22,69 @@ import json
 import logging
 import os
 import time
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from typing import Any, Concatenate, NoReturn, ParamSpec, Protocol, TypeVar
 
 import pyfuse3
 
 from ..control import XATTR_CACHED, XATTR_PID, XATTR_STATS   # names of the control protocol
 from ..metrics import LATENCY_BUCKETS   # the histogram's bounds belong to the metrics they feed
-from ..namespace import ROOT_INODE, file_mode
+from ..namespace import ROOT_INODE, Node, Tree, file_mode
 from ..ufs.errors import StoreError
 
 log = logging.getLogger(__name__)
+
+#: what a read answers: a block's bytes or a view of them (pyfuse3 takes any buffer)
+Buffer = bytes | bytearray | memoryview
+#: the daemon's counters as a JSON-able dict (`Daemon.stats`), for `cachefs stats`
+StatsFn = Callable[[], dict[str, Any]]
+
+
+class BlockReader(Protocol):
+    """What the handlers use of the block cache (`cache.blocks.BlockCache`)."""
+
+    block_size: int
+
+    async def read(self, key: str, etag: str, file_size: int, offset: int,
+                   size: int) -> Buffer: ...
+
+    def cached_blocks(self, key: str, etag: str, file_size: int) -> tuple[int, int]: ...
 
 
 class OpLatency:
     """Count, total time and a histogram of one FUSE operation (for stats and metrics)."""
     __slots__ = ('count', 'seconds', 'buckets')
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.count = 0
         self.seconds = 0.0
         self.buckets = [0] * (len(LATENCY_BUCKETS) + 1)
 
-    def record(self, seconds):
+    def record(self, seconds: float) -> None:
         self.count += 1
         self.seconds += seconds
         self.buckets[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
 
-    def as_dict(self):
+    def as_dict(self) -> dict[str, Any]:
         return {'count': self.count, 'seconds': self.seconds, 'buckets': list(self.buckets)}
+
+
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND | os.O_CREAT
 
 
-def _handler(method):
+P = ParamSpec('P')
+R = TypeVar('R')
+
+
+def _handler(method: Callable[Concatenate[Operations, P], Awaitable[R]]
+             ) -> Callable[Concatenate[Operations, P], Coroutine[Any, Any, R]]:
     name = method.__name__
 
     @functools.wraps(method)
-    async def wrapper(self, *args):
+    async def wrapper(self: Operations, *args: P.args, **kwargs: P.kwargs) -> R:
         started = time.perf_counter()
         try:
-            return await method(self, *args)
+            return await method(self, *args, **kwargs)
         except pyfuse3.FUSEError:
             raise
         except StoreError as exc:
@@ -79,7 +106,8 @@ class Operations(pyfuse3.Operations):
     enable_writeback_cache = False
     enable_acl = False
 
-    def __init__(self, tree, cache, *, entry_timeout, attr_timeout, uid, gid, stats=None):
+    def __init__(self, tree: Tree, cache: BlockReader, *, entry_timeout: float,
+                 attr_timeout: float, uid: int, gid: int, stats: StatsFn | None = None) -> None:
         super().__init__()
         self.tree = tree
         self.cache = cache
@@ -87,26 +115,26 @@ class Operations(pyfuse3.Operations):
         self.attr_timeout = attr_timeout
         self.uid = uid
         self.gid = gid
-        self.stats = stats or (lambda: {})
+        self.stats: StatsFn = stats or (lambda: {})
         # An open file keeps the version it was opened with, so one handle never mixes the
         # bytes of two versions, even when a refresh replaces the tree meanwhile.
-        self._handles = {}
+        self._handles: dict[int, Node] = {}
         self._next_handle = 1
         # Nodes of a replaced tree that the kernel may still ask about. Kept only while the kernel
         # holds a reference (its lookup count) or a handle is open on them, so that a mount
         # refreshed for months holds no more of them than the kernel does.
-        self._retired = {}
-        self._lookups = {}         # inode -> references the kernel holds (lookup count)
-        self._open_counts = {}     # inode -> open file handles
-        self.latency = {}     # operation name -> OpLatency
+        self._retired: dict[int, Node] = {}
+        self._lookups: dict[int, int] = {}      # inode -> references the kernel holds
+        self._open_counts: dict[int, int] = {}  # inode -> open file handles
+        self.latency: dict[str, OpLatency] = {}     # operation name -> OpLatency
 
-    def _node(self, inode):
+    def _node(self, inode: int) -> Node:
         node = self.tree.get(inode) or self._retired.get(inode)
         if node is None:
             raise pyfuse3.FUSEError(errno.ENOENT)
         return node
 
-    def replace_tree(self, tree):
+    def replace_tree(self, tree: Tree) -> None:
         """Serve `tree` from now on; inodes it no longer has stay answerable until forgotten."""
         old = self.tree
         for inode, node in old.nodes.items():
@@ -116,15 +144,15 @@ class Operations(pyfuse3.Operations):
             del self._retired[inode]          # back in the tree (the same key and version)
         self.tree = tree
 
-    def _in_use(self, inode):
+    def _in_use(self, inode: int) -> bool:
         return inode in self._lookups or inode in self._open_counts
 
-    def _entry(self, node):
+    def _entry(self, node: Node) -> pyfuse3.EntryAttributes:
         """The attributes of `node` for a reply that gives the kernel a reference to it."""
         self._lookups[node.inode] = self._lookups.get(node.inode, 0) + 1
         return self._attributes(node)
 
-    def _attributes(self, node):
+    def _attributes(self, node: Node) -> pyfuse3.EntryAttributes:
         attrs = pyfuse3.EntryAttributes()
         attrs.st_ino = node.inode
         attrs.st_mode = file_mode(node)
@@ -142,7 +170,8 @@ class Operations(pyfuse3.Operations):
     # -- metadata: answered from the tree --
 
     @_handler
-    async def lookup(self, parent_inode, name, ctx=None):
+    async def lookup(self, parent_inode: int, name: bytes,
+                     ctx: pyfuse3.RequestContext | None = None) -> pyfuse3.EntryAttributes:
         if name == b'.':
             return self._entry(self._node(parent_inode))
         if name == b'..':
@@ -160,10 +189,11 @@ class Operations(pyfuse3.Operations):
         return self._entry(node)
 
     @_handler
-    async def getattr(self, inode, ctx=None):
+    async def getattr(self, inode: int,
+                      ctx: pyfuse3.RequestContext | None = None) -> pyfuse3.EntryAttributes:
         return self._attributes(self._node(inode))
 
-    async def forget(self, inode_list):
+    async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         # The tree holds its inodes for the life of the mount; only retired ones are released,
         # once the kernel holds no reference to them and no handle is open on them.
         for inode, nlookup in inode_list:
@@ -176,16 +206,18 @@ class Operations(pyfuse3.Operations):
                 self._retired.pop(inode, None)
 
     @_handler
-    async def opendir(self, inode, ctx):
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
         if not self._node(inode).is_dir:
             raise pyfuse3.FUSEError(errno.ENOTDIR)
         return inode
 
     @_handler
-    async def readdir(self, fh, start_id, token):
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         folder = self._node(fh)
         children = folder.children
         names = folder.sorted_names
+        if children is None or names is None:
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
         # start_id is the index of the next entry to send; READDIRPLUS takes the attributes too.
         for index in range(start_id, len(names)):
             name = names[index]
@@ -195,11 +227,11 @@ class Operations(pyfuse3.Operations):
                 return
             self._lookups[node.inode] = self._lookups.get(node.inode, 0) + 1
 
-    async def releasedir(self, fh):
+    async def releasedir(self, fh: int) -> None:
         pass
 
     @_handler
-    async def statfs(self, ctx):
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
         stats = pyfuse3.StatvfsData()
         block_size = self.cache.block_size
         stats.f_bsize = stats.f_frsize = block_size
@@ -213,7 +245,8 @@ class Operations(pyfuse3.Operations):
     # -- data --
 
     @_handler
-    async def open(self, inode, flags, ctx):
+    async def open(self, inode: int, flags: int,
+                   ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         node = self._node(inode)
         if node.is_dir:
             raise pyfuse3.FUSEError(errno.EISDIR)
@@ -228,13 +261,15 @@ class Operations(pyfuse3.Operations):
         return pyfuse3.FileInfo(fh=fh, keep_cache=True)
 
     @_handler
-    async def read(self, fh, offset, size):
+    # pyfuse3's annotation says bytes; it takes any buffer, and the cache answers with views of
+    # its blocks rather than copies
+    async def read(self, fh: int, offset: int, size: int) -> Buffer:  # type: ignore[override]
         node = self._handles.get(fh)
         if node is None:
             raise pyfuse3.FUSEError(errno.EBADF)
         return await self.cache.read(node.key, node.etag, node.size, offset, size)
 
-    async def release(self, fh):
+    async def release(self, fh: int) -> None:
         node = self._handles.pop(fh, None)
         if node is None:
             return
@@ -248,7 +283,7 @@ class Operations(pyfuse3.Operations):
     # -- control channel --
 
     @_handler
-    async def getxattr(self, inode, name, ctx):
+    async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
         if inode == ROOT_INODE:
             if name == XATTR_PID:
                 return str(os.getpid()).encode()
@@ -268,7 +303,7 @@ class Operations(pyfuse3.Operations):
         raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
 
     @_handler
-    async def listxattr(self, inode, ctx):
+    async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
         self._node(inode)
         return []
 
@@ -276,7 +311,7 @@ class Operations(pyfuse3.Operations):
     # (flush and fsync stay unimplemented: pyfuse3's ENOSYS makes the kernel stop sending them,
     # and an error there would make close() fail.)
 
-    async def _refuse_write(self, *args):
+    async def _refuse_write(self, *args: Any, **kwargs: Any) -> NoReturn:
         raise pyfuse3.FUSEError(errno.EROFS)
 
     setattr = mknod = mkdir = unlink = rmdir = symlink = rename = link = _refuse_write
