@@ -8,7 +8,7 @@ import time
 
 import trio
 
-from cachefs.cache import blocks
+from cachefs.cache import disk_io, writeback
 from cachefs.cache.blocks import BlockCache
 from cachefs.cache.disk import DiskTier
 
@@ -102,9 +102,9 @@ async def test_small_ssd_reads_leave_the_trio_thread_after_a_slow_one(tmp_path, 
     fresh = cache_on(tmp_path, MemoryStore(), memory_blocks=64, idle_after=3600)
     await nursery.start(fresh.run)
     await wait_for(lambda: fresh.disk.index_ready)
-    fresh._nowait_works = True      # a local disk (the start-up probe says so on ext4, xfs)
+    fresh._disk_io.nowait_works = True      # a local disk (the start-up probe says so on ext4, xfs)
     on_trio_thread = []
-    read_block_file = blocks.read_block_file
+    read_block_file = disk_io.read_block_file
 
     def observed_read(*args):
         if len(args) > 5 and args[5]:
@@ -113,7 +113,7 @@ async def test_small_ssd_reads_leave_the_trio_thread_after_a_slow_one(tmp_path, 
         if len(on_trio_thread) == 2:
             time.sleep(0.06)                # the second read stalls
         return read_block_file(*args)
-    monkeypatch.setattr(blocks, 'read_block_file', observed_read)
+    monkeypatch.setattr(disk_io, 'read_block_file', observed_read)
     assert await read_all(fresh) == OBJECT
     assert on_trio_thread == [True, True] + [False] * (BLOCKS - 2)
     assert fresh.counters.disk_hits == BLOCKS
@@ -123,19 +123,19 @@ async def test_a_start_up_scan_cut_short_by_an_offline_disk_runs_again_once_it_i
         tmp_path, nursery, monkeypatch):
     scanning = threading.Event()
     release = threading.Event()
-    scan = blocks.scan
+    scan = disk_io.scan
 
     def stalled_scan(folder):
         if not release.is_set():
             scanning.set()
             release.wait(10)
         return scan(folder)
-    monkeypatch.setattr(blocks, 'scan', stalled_scan)
+    monkeypatch.setattr(disk_io, 'scan', stalled_scan)
     cache = cache_on(tmp_path, MemoryStore(), memory_blocks=64, idle_after=3600)
     cache.probe_interval = 0.05
     await nursery.start(cache.run)
     await wait_for(scanning.is_set)
-    cache._disk_stuck('a test')         # another call missed its deadline meanwhile
+    cache._disk_io.stuck('a test')         # another call missed its deadline meanwhile
     release.set()
     await wait_for(lambda: not cache.disk.offline and cache.disk.index_ready)
 
@@ -150,19 +150,19 @@ async def test_a_block_fetched_again_while_it_waits_for_the_ssd_is_counted_once(
     # A reader whose SSD read found nothing (the index not ready yet, a corrupt file) fetches
     # a block while another copy of it still waits for the SSD.
     writes = threading.Event()
-    write_and_measure = blocks._write_and_measure
+    write_and_measure = disk_io._write_and_measure
 
     def held_write(*args):
         writes.wait(10)
         return write_and_measure(*args)
-    monkeypatch.setattr(blocks, '_write_and_measure', held_write)
-    monkeypatch.setattr(blocks, '_MIN_QUEUED_BLOCKS', 0)   # every queued byte is charged
+    monkeypatch.setattr(disk_io, '_write_and_measure', held_write)
+    monkeypatch.setattr(writeback, '_MIN_QUEUED_BLOCKS', 0)   # every queued byte is charged
     cache = cache_on(tmp_path, MemoryStore(), memory_blocks=16, idle_after=3600)
     await nursery.start(cache.run)
     await wait_for(lambda: cache.disk.index_ready)
     for key in 'abc':
         await read_object(cache, key)       # the oldest blocks wait for the SSD
-    waiting = list(cache._write_queue)[-1]  # not in a writer's hands
+    waiting = list(cache._writeback.queue)[-1]  # not in a writer's hands
     await cache._fetch(waiting, len(OBJECT), prefetch=False)
     await read_object(cache, 'd')           # the second copy leaves memory too
     writes.set()

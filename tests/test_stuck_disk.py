@@ -15,7 +15,7 @@ import time
 import pytest
 import trio
 
-from cachefs.cache import blocks
+from cachefs.cache import disk_io
 from cachefs.cache.blocks import BlockCache
 from cachefs.cache.disk import DiskTier
 from conftest import (Source, assert_tree_matches, clean_env, drop_page_cache, is_mounted,
@@ -152,7 +152,7 @@ def test_a_cache_disk_slower_than_the_store_keeps_the_daemon_in_its_memory_budge
 async def test_an_offline_ssd_tier_comes_back_when_its_probe_answers(pausable_disk, nursery,
                                                                       monkeypatch):
     # In-process (a mount cannot shorten its deadlines): a real cache disk, an in-memory store.
-    monkeypatch.setattr(blocks, '_DISK_READ_DEADLINE', 0.5)
+    monkeypatch.setattr(disk_io, '_DISK_READ_DEADLINE', 0.5)
     store = MemoryStore()
     disk = DiskTier(str(pausable_disk.mountpoint), BLOCK, capacity=1 << 30, min_free_ratio=0,
                     eviction='lru')

@@ -118,6 +118,7 @@ def read_verified(fd, header, start, length, flags=0):
     last = (min(start + length, header.length) - 1) // chunk_size
     lo = first * chunk_size
     hi = min((last + 1) * chunk_size, header.length)
+    buffer: bytes | bytearray
     if flags:
         buffer = bytearray(hi - lo)
         got = os.preadv(fd, [buffer], header.data_offset + lo, flags)
@@ -159,7 +160,7 @@ def read_block_file(path, block_id, start, length, header=None, flags=0):
 
 # Cache folders (the parent of the block's 2-hex folder) whose file system refuses O_DIRECT
 # (tmpfs, for one); learnt on the first write there. Worker threads may race to add the same one.
-_no_direct_io = set()
+_no_direct_io: set[str] = set()
 
 
 class _BouncePool:
@@ -304,7 +305,7 @@ def scan(blocks_dir):
     file is a leftover, except those of this process's own writes under way meanwhile, which
     carry TEMP_TAG."""
     ours = TEMP_TAG
-    found = []
+    found: list[tuple[str, int, float]] = []
     try:
         subdirs = list(os.scandir(blocks_dir))
     except FileNotFoundError:
@@ -346,6 +347,14 @@ def disk_free(path):
 class DiskCounters:
     __slots__ = ('hits', 'writes', 'write_bytes', 'evictions', 'corrupt', 'write_errors',
                  'skipped_writes')
+
+    hits: int
+    writes: int
+    write_bytes: int
+    evictions: int
+    corrupt: int
+    write_errors: int
+    skipped_writes: int
 
     def __init__(self):
         for name in self.__slots__:

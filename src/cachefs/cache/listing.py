@@ -17,6 +17,8 @@ import math
 import os
 import time
 
+from typing import Any
+
 import msgpack
 import xxhash
 
@@ -89,14 +91,14 @@ def decode_listing(data, source):
         raise BadListing('not a map')
     if fields.get('version') != FORMAT_VERSION or fields.get('source') != source:
         return None
-    listed_at = fields.get('listed_at')
+    listed_at: Any = fields.get('listed_at')
     if (type(listed_at) not in (int, float) or not math.isfinite(listed_at)
             or not 0 < listed_at < time.time() + _CLOCK_SKEW):
         raise BadListing(f'listing time {listed_at!r}')
     entries = fields.get('objects')
     if type(entries) is not list:
         raise BadListing('no object list')
-    objects = []
+    objects: list[ObjectInfo] = []
     append = objects.append
     for entry in entries:
         # everything is checked: a hostile or garbled entry must not reach the tree builder

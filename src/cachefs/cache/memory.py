@@ -8,29 +8,37 @@ Bytes held outside the LRU can be charged to the tier (`charge`): blocks waiting
 count against the capacity, so that the LRU shrinks while they wait.
 """
 
+from __future__ import annotations
+
 import logging
 from collections import OrderedDict
+from typing import Callable, Optional, Union
 
 log = logging.getLogger(__name__)
 
+BlockId = tuple[str, str, int]      # (key, ETag, index of the block in the object)
+Block = Union[bytes, bytearray, memoryview]    # a block's bytes, never modified once made
+
 
 class MemoryTier:
-    def __init__(self, capacity_bytes, on_evict=None):
+    def __init__(self, capacity_bytes: int,
+                 on_evict: Optional[Callable[[BlockId, Block], None]] = None) -> None:
         self.capacity = capacity_bytes
-        self._on_evict = on_evict
+        # may be set after construction, by whoever composes the tier with its SSD writes
+        self.on_evict = on_evict
         self.used = 0
         self.charged = 0            # bytes held outside the LRU but counted against the capacity
         self.evictions = 0
-        self._blocks = OrderedDict()
+        self._blocks: OrderedDict[BlockId, Block] = OrderedDict()
         self._evicting = False
 
-    def get(self, block_id):
+    def get(self, block_id: BlockId) -> Optional[Block]:
         data = self._blocks.get(block_id)
         if data is not None:
             self._blocks.move_to_end(block_id)
         return data
 
-    def put(self, block_id, data):
+    def put(self, block_id: BlockId, data: Block) -> None:
         if len(data) > self.capacity:
             return
         old = self._blocks.pop(block_id, None)
@@ -40,14 +48,14 @@ class MemoryTier:
         self.used += len(data)
         self._evict()
 
-    def charge(self, nbytes):
+    def charge(self, nbytes: int) -> None:
         """Count `nbytes` held elsewhere against the capacity (negative: give them back),
         evicting from the LRU to make room."""
         self.charged += nbytes
         if nbytes > 0:
             self._evict()
 
-    def _evict(self):
+    def _evict(self) -> None:
         if self._evicting:      # on_evict charged bytes: the running loop makes room for them
             return
         self._evicting = True
@@ -56,13 +64,13 @@ class MemoryTier:
                 evicted_id, evicted = self._blocks.popitem(last=False)
                 self.used -= len(evicted)
                 self.evictions += 1
-                if self._on_evict is not None:
-                    self._on_evict(evicted_id, evicted)
+                if self.on_evict is not None:
+                    self.on_evict(evicted_id, evicted)
         finally:
             self._evicting = False
 
-    def __contains__(self, block_id):
+    def __contains__(self, block_id: object) -> bool:
         return block_id in self._blocks
 
-    def __len__(self):
+    def __len__(self) -> int:
         return len(self._blocks)

@@ -1,0 +1,28 @@
+"""The block cache's counters of hits, misses and prefetches (`cachefs stats`, the metrics).
+
+Plain integers, changed on the trio thread only (the block cache's concurrency rules:
+cachefs.cache.blocks). The SSD tier's own counters (writes, skipped writes, ...) are
+cachefs.cache.disk.DiskCounters.
+"""
+
+import logging
+
+log = logging.getLogger(__name__)
+
+
+class CacheCounters:
+    __slots__ = ('memory_hits', 'disk_hits', 'misses', 'shared_fetches', 'prefetches',
+                 'prefetched_bytes', 'prefetch_dropped', 'disk_prefetches')
+
+    memory_hits: int        # reads served from the memory tier, the prefetch buffer or the queue
+    disk_hits: int          # reads served from the SSD tier (also those prefetched from it)
+    misses: int             # blocks a reader fetched from the store
+    shared_fetches: int     # reads that waited for a fetch another task had started
+    prefetches: int         # blocks prefetched from the store ...
+    prefetched_bytes: int   # ... and their bytes
+    prefetch_dropped: int   # prefetches not made: no room in the prefetch budget
+    disk_prefetches: int    # blocks prefetched from the SSD tier
+
+    def __init__(self) -> None:
+        for name in self.__slots__:
+            setattr(self, name, 0)
