@@ -28,6 +28,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from cachefs.demo.dataset import parse_sample
+from cachefs.demo.tfrecord import iter_records
+
 log = logging.getLogger(__name__)
 
 try:
@@ -38,9 +41,6 @@ try:
 except ImportError:      # pragma: no cover - reported by main()
     torch = None
     IterableDataset = object
-
-from cachefs.demo.dataset import parse_sample
-from cachefs.demo.tfrecord import iter_records
 
 
 # -- the model: torchvision's ResNet-50 when installed, else the same architecture here --
@@ -116,7 +116,8 @@ class ShardDataset(IterableDataset):
         image = torch.frombuffer(bytearray(pixels), dtype=torch.uint8).view(height, width, 3)
         top = rng.randrange(height - self.crop + 1)
         left = rng.randrange(width - self.crop + 1)
-        return image[top:top + self.crop, left:left + self.crop].permute(2, 0, 1).contiguous(), label
+        crop = image[top:top + self.crop, left:left + self.crop]
+        return crop.permute(2, 0, 1).contiguous(), label
 
 
 # -- the loops --

@@ -106,7 +106,8 @@ def cache_biggest_file(source, mounter):
 
 def test_corrupt_block_on_disk_is_detected_and_never_served(local_source, mounter):
     mounted, big = cache_biggest_file(local_source, mounter)
-    for path in block_files(mounted.cache_dir):            # flip one byte near the end of every block's data
+    # flip one byte near the end of every block's data
+    for path in block_files(mounted.cache_dir):
         with open(path, 'r+b') as f:
             f.seek(-100, os.SEEK_END)
             byte = f.read(1)

@@ -47,14 +47,16 @@ def test_masked_crc32c_reference_values():
     assert google_crc32c.value(b"123456789") == 0xE3069283
     assert tfrecord.masked_crc32c(b"") == 0xA282EAD8
     crc = 0xE3069283
-    assert tfrecord.masked_crc32c(b"123456789") == (((crc >> 15) | (crc << 17)) + 0xA282EAD8) % 2**32
+    assert tfrecord.masked_crc32c(b"123456789") == \
+        (((crc >> 15) | (crc << 17)) + 0xA282EAD8) % 2**32
 
 
 def test_tfrecord_round_trip():
     recs = _records()
     buf = io.BytesIO()
     written = tfrecord.write_records(buf, recs)
-    assert written == len(buf.getvalue()) == sum(map(len, recs)) + len(recs) * tfrecord.RECORD_OVERHEAD
+    assert written == len(buf.getvalue()) == \
+        sum(map(len, recs)) + len(recs) * tfrecord.RECORD_OVERHEAD
     assert list(tfrecord.iter_records(io.BytesIO(buf.getvalue()))) == recs
     # Short reads from raw streams must be handled.
     assert list(tfrecord.iter_records(_Trickle(buf.getvalue()))) == recs

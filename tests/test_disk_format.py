@@ -78,7 +78,8 @@ def test_written_direct_where_the_file_system_allows_else_buffered(root):
         assert bytes(read_block_file(str(path), BLOCK_ID, 0, len(data))[1]) == data
 
 
-@pytest.mark.parametrize('other', [('dir/other', 'etag-1', 3), ('dir/shard-0.tfrecord', 'etag-2', 3),
+@pytest.mark.parametrize('other', [('dir/other', 'etag-1', 3),
+                                   ('dir/shard-0.tfrecord', 'etag-2', 3),
                                    ('dir/shard-0.tfrecord', 'etag-1', 4)])
 def test_block_of_another_object_version_or_index_is_refused(block, other):
     path, _ = block

@@ -9,7 +9,8 @@ import sys
 
 import pytest
 
-from conftest import assert_tree_matches, clean_env, is_mounted, pid_alive, run_cachefs, sha256_of, wait_until
+from conftest import (assert_tree_matches, clean_env, is_mounted, pid_alive, run_cachefs,
+                      sha256_of, wait_until)
 
 pytestmark = pytest.mark.fuse
 

@@ -117,7 +117,7 @@ def test_large_object_streams_and_ranges(tmp_path, bucket):
 
 def test_chunked_upload_and_content_md5(bucket):
     data = [b'a' * 1000, b'b' * 10, b'c' * 70000]
-    bucket.put_object('chunked', iter(data))                 # requests sends Transfer-Encoding: chunked
+    bucket.put_object('chunked', iter(data))     # requests sends Transfer-Encoding: chunked
     assert bucket.get_object('chunked').read() == b''.join(data)
 
     good = base64.b64encode(hashlib.md5(b'abc').digest()).decode()
@@ -249,7 +249,7 @@ def test_bucket_lifecycle_via_api(server):
     auth = oss2.Auth(AK, SK)
     fresh = oss2.Bucket(auth, server.endpoint, 'made-by-api')
     fresh.create_bucket(oss2.BUCKET_ACL_PUBLIC_READ)
-    fresh.create_bucket(oss2.BUCKET_ACL_PRIVATE)             # owner re-creating: succeeds, ACL updated
+    fresh.create_bucket(oss2.BUCKET_ACL_PRIVATE)     # owner re-creating: succeeds, ACL updated
     assert fresh.get_bucket_acl().acl == 'private'
     names = [b.name for b in oss2.BucketIterator(oss2.Service(auth, server.endpoint))]
     assert 'made-by-api' in names and BUCKET in names
@@ -294,7 +294,8 @@ def test_wrong_secret_is_rejected(server):
     with pytest.raises(oss2.exceptions.SignatureDoesNotMatch):
         bad.put_object('anything', b'x' * 100000)      # body drained, connection reusable
     with pytest.raises(oss2.exceptions.SignatureDoesNotMatch):
-        oss2.Bucket(oss2.AuthV4(AK, 'nope'), server.endpoint, BUCKET, region='cn-hangzhou').get_bucket_info()
+        oss2.Bucket(oss2.AuthV4(AK, 'nope'), server.endpoint, BUCKET,
+                    region='cn-hangzhou').get_bucket_info()
 
 
 def test_signature_covers_resource_and_subresources(server, bucket):
@@ -336,8 +337,8 @@ def test_sts_tokens(server, bucket):
     bucket.put_object('sts.txt', b'via sts')
     sts = oss2.Bucket(oss2.StsAuth(STS_AK, STS_SK, STS_TOKEN), server.endpoint, BUCKET)
     assert sts.get_object('sts.txt').read() == b'via sts'
-    sts_v4 = oss2.Bucket(oss2.StsAuth(STS_AK, STS_SK, STS_TOKEN, auth_version='v4'), server.endpoint,
-                         BUCKET, region='cn-hangzhou')
+    sts_v4 = oss2.Bucket(oss2.StsAuth(STS_AK, STS_SK, STS_TOKEN, auth_version='v4'),
+                         server.endpoint, BUCKET, region='cn-hangzhou')
     assert sts_v4.get_object('sts.txt').read() == b'via sts'
     assert server.requests[-1].headers['x-oss-security-token'] == STS_TOKEN
 

@@ -33,6 +33,8 @@ SUBCOMMANDS = ('mount', 'umount', 'unmount', 'refresh', 'stats', 'warmup', 'demo
 class _Parser(argparse.ArgumentParser):
     """argparse that raises `UserError` instead of printing usage and exiting with 2."""
 
+    mount_parser: argparse.ArgumentParser     # the top-level parser's `mount` command
+
     def error(self, message):
         raise UserError(f'{self.prog}: {message}', EXIT_USAGE)
 
@@ -194,15 +196,15 @@ def spawn_daemon(options):
     argv = [sys.executable, '-m', 'cachefs', 'mount', '--foreground'] + _argv_of(options)
     read_end, write_end = os.pipe()
     env = dict(os.environ, **{READY_FD_ENV: str(write_end)})
-    log_target = open(options.log_file, 'ab') if options.log_file else subprocess.DEVNULL
+    log_file = open(options.log_file, 'ab') if options.log_file else None
     try:
         daemon = subprocess.Popen(argv, env=env, pass_fds=(write_end,), start_new_session=True,
                                   stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                  stderr=log_target)
+                                  stderr=subprocess.DEVNULL if log_file is None else log_file)
     finally:
         os.close(write_end)
-        if log_target is not subprocess.DEVNULL:
-            log_target.close()
+        if log_file is not None:
+            log_file.close()
     with os.fdopen(read_end, 'rb') as reader:
         line = reader.readline().decode(errors='replace').strip()
     if line == 'ready':
@@ -213,7 +215,8 @@ def spawn_daemon(options):
         daemon.wait()
         return int(code)
     status = daemon.wait()
-    where = f'; see {options.log_file}' if options.log_file else '; run with --foreground to see why'
+    where = (f'; see {options.log_file}' if options.log_file
+             else '; run with --foreground to see why')
     print(f'cachefs: error: the daemon exited with status {status} before the mount was ready'
           f'{where}', file=sys.stderr)
     return EXIT_INTERNAL

@@ -20,10 +20,11 @@ new one. Only one file is read: `--config PATH` (or `CACHEFS_CONFIG`), else for 
 import argparse
 import logging
 import os
+import sys
 
-try:
+if sys.version_info >= (3, 11):
     import tomllib
-except ModuleNotFoundError:     # Python 3.10
+else:                           # Python 3.10
     import tomli as tomllib
 
 from .config import FLAG_FALSE, FLAG_TRUE, MOUNT_OPTIONS, converter

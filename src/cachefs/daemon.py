@@ -9,6 +9,7 @@
 User mistakes raise `UserError` before anything is mounted, so nothing is left behind.
 """
 
+import argparse
 import hashlib
 import logging
 import os
@@ -16,6 +17,8 @@ import re
 import signal
 import socket
 import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import pyfuse3
 import trio
@@ -30,9 +33,10 @@ from .errors import EXIT_ACCESS, EXIT_FUSE, EXIT_SOURCE_MISSING, EXIT_STORE, Use
 from .control import XATTR_PID
 from .fuse.operations import Operations
 from .metrics import start_metrics_server
-from .namespace import build_tree, tree_changes
-from .ufs import open_store, parse_source
+from .namespace import Tree, build_tree, tree_changes
+from .ufs import SourceURL, open_store, parse_source
 from .ufs.async_store import AsyncStore, call_with_retries
+from .ufs.base import ObjectInfo, Store
 from .ufs.errors import AccessDenied, BucketNotFound, ObjectNotFound, StoreError
 
 log = logging.getLogger(__name__)
@@ -46,7 +50,7 @@ _FLUSH_TIMEOUT = 30   # seconds spent writing blocks held in memory to the SSD a
 _DETACH_POLL = 1.0    # seconds between checks that the mount is still attached (lazy unmount)
 
 
-def source_folder_name(source, endpoint_url):
+def source_folder_name(source: SourceURL, endpoint_url: str | None) -> str:
     """A readable, unique folder name per source (and endpoint: one bucket name, two stores)."""
     identity = f'{source}|{endpoint_url or ""}'
     digest = hashlib.sha256(identity.encode()).hexdigest()[:12]
@@ -54,23 +58,25 @@ def source_folder_name(source, endpoint_url):
     return f'{source.scheme}-{readable}-{digest}'
 
 
-def prepare_cache_folder(cache_dir, name, mountpoint):
+def prepare_cache_folder(cache_dir: str, name: str, mountpoint: str) -> cache_folder.CacheFolder:
     """The per-source folder, trusted, private and locked (cache/folder.py says why and how)."""
     return cache_folder.prepare(cache_dir, name, mountpoint)
 
 
-def _store_user_error(exc, source):
+def _store_user_error(exc: StoreError, source: SourceURL) -> UserError:
     if isinstance(exc, BucketNotFound) or (isinstance(exc, ObjectNotFound)
                                           and source.scheme == 'file'):
         if source.scheme == 'file':
             return UserError(f'source folder {source.prefix} does not exist', EXIT_SOURCE_MISSING)
-        return UserError(f'bucket {source.bucket!r} of {source} does not exist', EXIT_SOURCE_MISSING)
+        return UserError(f'bucket {source.bucket!r} of {source} does not exist',
+                         EXIT_SOURCE_MISSING)
     if isinstance(exc, AccessDenied):
         return UserError(f'access denied to {source}: {exc}', EXIT_ACCESS)
     return UserError(f'cannot reach {source}: {exc}', EXIT_STORE)
 
 
-def load_namespace(store, source, folder, options):
+def load_namespace(store: Store, source: SourceURL, folder: str,
+                   options: argparse.Namespace) -> tuple[float, list[ObjectInfo]]:
     """Return the object list: the saved one while fresh, else a new listing (then saved)."""
     saved = load_listing(folder, str(source))
     if saved is not None:
@@ -104,21 +110,21 @@ def load_namespace(store, source, folder, options):
     return listed_at, objects
 
 
-def _invalidate_inode(inode):
+def _invalidate_inode(inode: int) -> None:
     try:
         pyfuse3.invalidate_inode(inode)
     except OSError:
         pass        # the kernel never saw this inode, or already forgot it
 
 
-def _invalidate_entry(parent, name):
+def _invalidate_entry(parent: int, name: bytes) -> None:
     try:
         pyfuse3.invalidate_entry(parent, name)
     except OSError:
         pass
 
 
-def notify_systemd(message):
+def notify_systemd(message: str) -> None:
     """sd_notify without a dependency: one datagram to $NOTIFY_SOCKET."""
     address = os.environ.get('NOTIFY_SOCKET')
     if not address:
@@ -134,19 +140,26 @@ def notify_systemd(message):
 
 
 class Daemon:
-    def __init__(self, options, on_ready=None):
+    # set by prepare(), before anything is mounted
+    store: Store
+    tree: Tree
+    disk: DiskTier | None
+    # set by _serve(): trio objects are created inside trio.run
+    async_store: AsyncStore
+    cache: BlockCache
+    operations: Operations
+
+    def __init__(self, options: argparse.Namespace,
+                 on_ready: Callable[[], None] | None = None) -> None:
         self.options = options
         self.on_ready = on_ready or (lambda: None)
         self.source = parse_source(options.source)
         self.mountpoint = os.path.abspath(options.mountpoint)
-        self.store = None
-        self.cache = None
-        self.tree = None
         self.started_at = time.time()
 
     # -- setup: everything that can fail because of the user happens before mounting --
 
-    def prepare(self):
+    def prepare(self) -> None:
         options = self.options
         mounts.check_fuse_device()
         mounts.check_mountpoint(self.mountpoint)
@@ -164,7 +177,7 @@ class Daemon:
         log.info('%s: %d files, %d folders, %d bytes', self.source, self.tree.file_count,
                  self.tree.dir_count, self.tree.total_bytes)
 
-    def make_disk_tier(self):
+    def make_disk_tier(self) -> DiskTier | None:
         """The SSD tier in the source folder, or None when --cache-size is 0. A cache disk full
         at mount degrades, as it does later: blocks already there are served, none is admitted
         until space frees (or no SSD tier at all when the folder itself could not be made)."""
@@ -191,7 +204,7 @@ class Daemon:
             disk.start_full()
         return disk
 
-    def stats(self):
+    def stats(self) -> dict[str, Any]:
         store = self.async_store.counters
         cache = self.cache.counters
         disk = self.cache.disk
@@ -226,21 +239,20 @@ class Daemon:
             'disk_capacity_bytes': disk.capacity if disk else 0,
             'disk_index_ready': disk.index_ready if disk else True,
             'disk_offline': disk.offline if disk else False,
-            'disk_writes': disk_counters.writes if disk else 0,
+            'disk_writes': disk_counters.writes if disk_counters else 0,
             'disk_writes_pending': self.cache.disk_writes_pending,
-            'disk_write_bytes': disk_counters.write_bytes if disk else 0,
-            'disk_skipped_writes': disk_counters.skipped_writes if disk else 0,
-            'disk_write_errors': disk_counters.write_errors if disk else 0,
-            'disk_corrupt_blocks': disk_counters.corrupt if disk else 0,
-            'evictions': disk_counters.evictions if disk else 0,
+            'disk_write_bytes': disk_counters.write_bytes if disk_counters else 0,
+            'disk_skipped_writes': disk_counters.skipped_writes if disk_counters else 0,
+            'disk_write_errors': disk_counters.write_errors if disk_counters else 0,
+            'disk_corrupt_blocks': disk_counters.corrupt if disk_counters else 0,
+            'evictions': disk_counters.evictions if disk_counters else 0,
             'eviction_policy': self.options.eviction,
         }
 
     # -- serving --
 
-    def serve(self):
+    def serve(self) -> None:
         options = self.options
-        self.async_store = None   # trio objects are created inside trio.run
         fuse_options = set(pyfuse3.default_options)
         fuse_options |= {'fsname=cachefs:' + str(self.source).replace(',', '%2C'),
                          'subtype=cachefs', 'ro'}
@@ -248,11 +260,11 @@ class Daemon:
             fuse_options.add('allow_other')
         trio.run(self._serve, fuse_options)
 
-    async def _serve(self, fuse_options):
+    async def _serve(self, fuse_options: set[str]) -> None:
         options = self.options
         self.async_store = AsyncStore(self.store, options.store_concurrency, options.retry_timeout)
         self._answering = trio.Event()
-        self._fuse_scope = trio.CancelScope()
+        self._fuse_scope: trio.CancelScope | None = trio.CancelScope()
         self.cache = BlockCache(self.async_store, options.block_size, options.memory_cache_size,
                                 self.disk, options.prefetch_window,
                                 options.prefetch_memory)
@@ -299,7 +311,7 @@ class Daemon:
                 if metrics is not None:
                     metrics.stop()
 
-    async def _flush_cache(self):
+    async def _flush_cache(self) -> None:
         pending = self.cache.disk_writes_pending
         if not pending:
             return
@@ -310,7 +322,7 @@ class Daemon:
             log.warning('gave up writing %d blocks to the SSD tier after %d s; the next mount '
                         'fetches them again', self.cache.disk_writes_pending, _FLUSH_TIMEOUT)
 
-    async def _announce_when_answering(self):
+    async def _announce_when_answering(self) -> None:
         pid = str(os.getpid()).encode()
         deadline = time.monotonic() + 60
         while True:
@@ -336,7 +348,7 @@ class Daemon:
         notify_systemd('READY=1\nSTATUS=serving ' + self.mountpoint)
         self._answering.set()
 
-    async def _refresh_periodically(self, hangups):
+    async def _refresh_periodically(self, hangups: AsyncIterator[int]) -> None:
         """List the store again every --metadata-ttl, and at once on SIGHUP (`cachefs refresh`)."""
         ttl = self.options.metadata_ttl
         delay = self.listed_at + ttl - time.time()
@@ -352,7 +364,7 @@ class Daemon:
                 log.warning('refreshing the listing failed (%s); keeping the current one', exc)
                 delay = min(ttl, 60)
 
-    async def refresh(self):
+    async def refresh(self) -> None:
         """Swap in a new tree from a fresh listing and make the kernel forget what changed."""
         objects = await self.async_store.list_objects()
         listed_at = time.time()
@@ -374,7 +386,7 @@ class Daemon:
         except (OSError, ValueError) as exc:
             log.warning('could not save the listing: %s', exc)
 
-    async def _stop_on_signal(self, stop_signals):
+    async def _stop_on_signal(self, stop_signals: AsyncIterator[int]) -> None:
         async for signum in stop_signals:
             log.info('received %s: unmounting %s', signal.Signals(signum).name, self.mountpoint)
             notify_systemd('STOPPING=1')
@@ -391,7 +403,7 @@ class Daemon:
                 self._fuse_scope.cancel()
             return
 
-    async def _end_reads_when_detached(self):
+    async def _end_reads_when_detached(self) -> None:
         """After a lazy unmount (`umount -l`, `fusermount3 -u -z`) the kernel keeps the mount
         alive for the files still open, and tells the daemon nothing until the last one closes.
         A reader waiting on a stalled store would keep it (and this daemon) for its whole retry
@@ -404,7 +416,7 @@ class Daemon:
             return
         device = (entry.dev_major, entry.dev_minor)
 
-        def attached():
+        def attached() -> bool:
             return any((e.dev_major, e.dev_minor) == device for e in mounts.mount_entries())
         while await trio.to_thread.run_sync(attached, abandon_on_cancel=True):
             await trio.sleep(_DETACH_POLL)

@@ -161,7 +161,8 @@ def tune_kernel(mountpoint, read_ahead_bytes, max_background):
     if os.path.isdir(connection):
         # congestion_threshold must not exceed max_background: set max_background first.
         _write_sysfs(os.path.join(connection, 'max_background'), max_background)
-        _write_sysfs(os.path.join(connection, 'congestion_threshold'), max(max_background * 3 // 4, 1))
+        _write_sysfs(os.path.join(connection, 'congestion_threshold'),
+                     max(max_background * 3 // 4, 1))
     else:
         log.info('fusectl connection %s not found: max_background left as is', connection)
 

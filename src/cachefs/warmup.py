@@ -149,7 +149,7 @@ class Warmup:
             return {path: state for path, state in pool.map(one, files) if state is not None}
 
     def daemon_stats(self):
-        totals = {}
+        totals: dict[str, int] = {}
         for mount in self.mounts.values():
             try:
                 stats = mount.stats()

@@ -95,14 +95,16 @@ SUBRESOURCES = frozenset([
     'restore', 'qos', 'referer', 'stat', 'bucketInfo', 'append', 'position', 'security-token',
     'live', 'comp', 'status', 'vod', 'startTime', 'endTime', 'x-oss-process',
     'symlink', 'callback', 'callback-var', 'tagging', 'encryption', 'versions',
-    'versioning', 'versionId', 'policy', 'requestPayment', 'x-oss-traffic-limit', 'qosInfo', 'asyncFetch',
+    'versioning', 'versionId', 'policy', 'requestPayment', 'x-oss-traffic-limit', 'qosInfo',
+    'asyncFetch',
     'x-oss-request-payer', 'sequential', 'inventory', 'inventoryId', 'continuation-token',
     'worm', 'wormId', 'wormExtend', 'replication', 'replicationLocation',
     'replicationProgress', 'transferAcceleration', 'cname', 'metaQuery',
     'x-oss-ac-source-ip', 'x-oss-ac-subnet-mask', 'x-oss-ac-vpc-id', 'x-oss-ac-forward-allow',
     'resourceGroup', 'style', 'styleName', 'x-oss-async-process', 'regionList',
     'x-oss-write-get-object-response',
-    'bucketArchiveDirectRead', 'httpsConfig', 'redundancyTransition', 'x-oss-target-redundancy-type',
+    'bucketArchiveDirectRead', 'httpsConfig', 'redundancyTransition',
+    'x-oss-target-redundancy-type',
     'x-oss-redundancy-transition-taskid',
     'accessPoint', 'accessPointPolicy', 'publicAccessBlock', 'x-oss-access-point-name',
     'requesterQosInfo', 'qosRequester', 'resourcePoolInfo', 'resourcePool', 'resourcePoolBuckets',
@@ -168,7 +170,8 @@ def not_implemented(what):
 
 
 def method_not_allowed():
-    return OssError(405, 'MethodNotAllowed', 'The specified method is not allowed against this resource.')
+    return OssError(405, 'MethodNotAllowed',
+                    'The specified method is not allowed against this resource.')
 
 
 def access_denied(message):
@@ -299,7 +302,8 @@ def v1_string_to_sign(method, headers, date, resource):
     latin-1, i.e. the raw wire bytes); resource is a str encoded as UTF-8.
     """
     oss_headers = sorted((k, v) for k, v in headers.items() if k.startswith('x-oss-'))
-    canon = b''.join(k.encode('latin-1') + b':' + v.encode('latin-1') + b'\n' for k, v in oss_headers)
+    canon = b''.join(k.encode('latin-1') + b':' + v.encode('latin-1') + b'\n'
+                     for k, v in oss_headers)
     return b'\n'.join([
         method.encode('ascii'),
         headers.get('content-md5', '').encode('latin-1'),
@@ -325,8 +329,10 @@ def v4_canonical_request(method, bucket, key, query, headers, additional, payloa
     encoded = sorted((v4_uri_encode(k, False), v4_uri_encode(v, False)) for k, v in query.items())
     canon_query = '&'.join(k + '=' + v if v else k for k, v in encoded)
     signed = sorted((k, v) for k, v in headers.items()
-                    if k.startswith('x-oss-') or k in ('content-type', 'content-md5') or k in additional)
-    canon_headers = b''.join(k.encode('latin-1') + b':' + v.encode('latin-1') + b'\n' for k, v in signed)
+                    if k.startswith('x-oss-') or k in ('content-type', 'content-md5')
+                    or k in additional)
+    canon_headers = b''.join(k.encode('latin-1') + b':' + v.encode('latin-1') + b'\n'
+                             for k, v in signed)
     return (method.encode('ascii') + b'\n'
             + v4_uri_encode(uri, True).encode('ascii') + b'\n'
             + canon_query.encode('ascii') + b'\n'
@@ -470,8 +476,8 @@ class Storage:
         with self.lock:
             bucket = self.get_bucket(name)
             if bucket.objects:
-                raise OssError(409, 'BucketNotEmpty', 'The bucket you tried to delete is not empty.',
-                               BucketName=name)
+                raise OssError(409, 'BucketNotEmpty',
+                               'The bucket you tried to delete is not empty.', BucketName=name)
             for entry in os.listdir(bucket.object_dir):
                 os.unlink(os.path.join(bucket.object_dir, entry))
             os.rmdir(bucket.object_dir)
@@ -481,7 +487,8 @@ class Storage:
 
     # -- objects -----------------------------------------------------------
 
-    def put_object(self, bucket_name, key, chunks, headers=None, expected_md5=None, crc_factory=None):
+    def put_object(self, bucket_name, key, chunks, headers=None, expected_md5=None,
+                   crc_factory=None):
         """Stream chunks into a new version of key and return its ObjectMeta."""
         bucket = self.get_bucket(bucket_name)
         md5 = hashlib.md5()
@@ -692,7 +699,8 @@ class _Handler(BaseHTTPRequestHandler):
                 return
             if not isinstance(exc, OssError):   # keep the server alive, but say so
                 log.exception('internal error serving %s %s', self.command, self.path)
-                exc = OssError(500, 'InternalError', 'We encountered an internal error. Please try again.')
+                exc = OssError(500, 'InternalError',
+                               'We encountered an internal error. Please try again.')
             self._drain_body()
             self._send_error(exc)
 
@@ -981,7 +989,8 @@ class OssServer:
             if not hmac.compare_digest(token.encode('utf-8'), expected.encode('utf-8')):
                 # Aliyun's docs describe this case (0002-00000008) without
                 # naming the code; InvalidSecurityToken is our best reading.
-                raise OssError(403, 'InvalidSecurityToken', 'The security token you provided is invalid.')
+                raise OssError(403, 'InvalidSecurityToken',
+                               'The security token you provided is invalid.')
             return secret
         if key_id in self.credentials:
             if token is not None:       # a token turns the request into STS (0002-00000002)
@@ -993,7 +1002,8 @@ class OssServer:
     def _check_skew(when):
         if abs(time.time() - when) > MAX_CLOCK_SKEW:
             raise OssError(403, 'RequestTimeTooSkewed',
-                           'The difference between the request time and the current time is too large.',
+                           'The difference between the request time and the current time is '
+                           'too large.',
                            RequestTime=http_date(when), ServerTime=http_date(time.time()),
                            MaxAllowedSkewMilliseconds=str(MAX_CLOCK_SKEW * 1000))
 
@@ -1068,7 +1078,8 @@ class OssServer:
     @staticmethod
     def _signature_mismatch(key_id, provided, to_sign):
         return OssError(403, 'SignatureDoesNotMatch',
-                        'The request signature we calculated does not match the signature you provided. '
+                        'The request signature we calculated does not match the signature you '
+                        'provided. '
                         'Check your key and signing method.',
                         StringToSign=to_sign.decode('utf-8', 'replace'),
                         SignatureProvided=provided,
@@ -1130,12 +1141,14 @@ class OssServer:
                 return lambda r: self._get_bucket_location(http, r)
             if subs == {'acl'}:
                 return lambda r: self._get_bucket_acl(http, r)
-        raise not_implemented('%s on a bucket with %s' % (req.method, sorted(subs) or 'no sub-resource'))
+        raise not_implemented('%s on a bucket with %s'
+                              % (req.method, sorted(subs) or 'no sub-resource'))
 
     def _object_route(self, http, req):
         subs = req.subresources() - {'security-token'}
         if len(req.key.encode('utf-8')) > MAX_KEY_BYTES or req.key[0] in '/\\':
-            raise OssError(400, 'InvalidObjectName', 'The specified object is not valid.', Key=req.key)
+            raise OssError(400, 'InvalidObjectName', 'The specified object is not valid.',
+                           Key=req.key)
         if req.method == 'GET' and subs <= set(RESPONSE_OVERRIDES):
             return lambda r: self._get_object(http, r)
         if req.method == 'HEAD' and not subs:
@@ -1150,7 +1163,8 @@ class OssServer:
             return lambda r: self._delete_object(http, r)
         if req.method in ('OPTIONS', 'PATCH'):
             raise method_not_allowed()
-        raise not_implemented('%s on an object with %s' % (req.method, sorted(subs) or 'no sub-resource'))
+        raise not_implemented('%s on an object with %s'
+                              % (req.method, sorted(subs) or 'no sub-resource'))
 
     # -- service / bucket operations ------------------------------------------------------
 
@@ -1167,7 +1181,8 @@ class OssServer:
             marker = req.query.get('marker', '')
             max_keys = self._max_keys(req)
             with self.storage.lock:
-                names = sorted(n for n in self.storage.buckets if n.startswith(prefix) and n > marker)
+                names = sorted(n for n in self.storage.buckets
+                               if n.startswith(prefix) and n > marker)
                 buckets = [self.storage.buckets[n] for n in names]
             page, truncated = buckets[:max_keys], len(buckets) > max_keys
             children = [('Owner', self._owner())]
@@ -1177,7 +1192,8 @@ class OssServer:
                 if truncated:
                     children.append(('NextMarker', page[-1].name))
             children.append(('Buckets', [('Bucket', [
-                ('CreationDate', iso8601(b.created)), ('ExtranetEndpoint', '127.0.0.1:%d' % self.port),
+                ('CreationDate', iso8601(b.created)),
+                ('ExtranetEndpoint', '127.0.0.1:%d' % self.port),
                 ('IntranetEndpoint', '127.0.0.1:%d' % self.port), ('Location', self.location),
                 ('Name', b.name), ('Region', self.location.replace('oss-', '', 1)),
                 ('StorageClass', 'Standard')]) for b in page]))
@@ -1193,7 +1209,8 @@ class OssServer:
                            BucketName=req.bucket)
         if acl_only:
             self.storage.get_bucket(req.bucket)
-        http.read_body()     # CreateBucketConfiguration (storage class etc.) is accepted and ignored
+        # CreateBucketConfiguration (storage class etc.) is accepted and ignored
+        http.read_body()
         # All keys belong to one account here, and OSS answers success when
         # the owner re-creates an existing bucket (only the ACL changes).
         self.storage.create_bucket(req.bucket, acl)
@@ -1290,7 +1307,8 @@ class OssServer:
         max_keys = self._max_keys(req)
         enc = self._encoder(req)
         start = self._decode_token(token) if token else start_after
-        objects, prefixes, last = self.storage.list_objects(req.bucket, prefix, delimiter, start, max_keys)
+        objects, prefixes, last = self.storage.list_objects(req.bucket, prefix, delimiter, start,
+                                                            max_keys)
         children = [('Name', req.bucket), ('Prefix', enc(prefix))]
         if token:
             children.append(('ContinuationToken', token))
@@ -1324,7 +1342,8 @@ class OssServer:
 
     def _put_object(self, http, req):
         if not http.has_body_length():
-            raise OssError(411, 'MissingContentLength', 'You must provide the Content-Length HTTP header.')
+            raise OssError(411, 'MissingContentLength',
+                           'You must provide the Content-Length HTTP header.')
         expected_md5 = None
         if 'content-md5' in req.headers:
             try:
@@ -1333,11 +1352,12 @@ class OssServer:
                 expected_md5 = b''
             if len(expected_md5) != 16:
                 raise OssError(400, 'InvalidDigest', 'The Content-MD5 you specified was invalid.')
-        stored = {name: req.headers[name.lower()] for name in STORED_HEADERS if name.lower() in req.headers}
+        stored = {name: req.headers[name.lower()] for name in STORED_HEADERS
+                  if name.lower() in req.headers}
         stored.setdefault('Content-Type', 'application/octet-stream')
         stored.update((k, v) for k, v in req.headers.items() if k.startswith('x-oss-meta-'))
-        meta = self.storage.put_object(req.bucket, req.key, http._body_chunks(), stored, expected_md5,
-                                       self._crc_factory)
+        meta = self.storage.put_object(req.bucket, req.key, http._body_chunks(), stored,
+                                       expected_md5, self._crc_factory)
         headers = [('ETag', '"%s"' % meta.etag), ('Content-MD5', self._content_md5(meta))]
         if meta.crc64 is not None:
             headers.append(('x-oss-hash-crc64ecma', str(meta.crc64)))
@@ -1376,7 +1396,8 @@ class OssServer:
             if status == 304:
                 http.send_oss(304, [h for h in headers if h[0] in ('ETag', 'Last-Modified')])
                 return
-            overrides = {RESPONSE_OVERRIDES[k]: v for k, v in req.query.items() if k in RESPONSE_OVERRIDES}
+            overrides = {RESPONSE_OVERRIDES[k]: v for k, v in req.query.items()
+                         if k in RESPONSE_OVERRIDES}
             headers = [h for h in headers if h[0] not in overrides] + sorted(overrides.items())
             # HeadObject describes the whole object; only GET honours Range.
             range_header = req.headers.get('range') if req.method == 'GET' and \
@@ -1485,7 +1506,8 @@ def _file_chunks(f, start, length):
 def main(argv=None):
     parser = argparse.ArgumentParser(description='Run the OSS test server in the foreground.')
     parser.add_argument('--root', required=True, help='directory that holds buckets and objects')
-    parser.add_argument('--port', type=int, default=0, help='TCP port on 127.0.0.1 (0 = any free port)')
+    parser.add_argument('--port', type=int, default=0,
+                        help='TCP port on 127.0.0.1 (0 = any free port)')
     parser.add_argument('--key', action='append', default=[], metavar='ID:SECRET',
                         help='access key pair; may be repeated')
     parser.add_argument('--sts', action='append', default=[], metavar='ID:SECRET:TOKEN',

@@ -361,10 +361,12 @@ class SeaweedServer:
 
     def _wait_ready(self, deadline: float) -> None:
         """Poll until S3 answers HTTP and a volume server has registered."""
+        proc = self._proc
+        assert proc is not None, "_wait_ready runs after _launch"
         t0 = time.monotonic()
         s3_up = False
         while True:
-            code = self._proc.poll()
+            code = proc.poll()
             if code is not None:
                 tail = self.log_tail()
                 msg = "weed exited with code %s during start; log %s tail:\n%s" % (
@@ -504,5 +506,6 @@ def upload_tree(client, bucket: str, prefix: str, local_root, threads: int = 8,
     total = sum(size for _, size in done)
     elapsed = time.monotonic() - t0
     log.info("uploaded %d files, %.1f MiB to s3://%s/%s in %.1f s (%.0f MiB/s)",
-             len(done), total / MiB, bucket, prefix.strip("/"), elapsed, total / MiB / max(elapsed, 1e-9))
+             len(done), total / MiB, bucket, prefix.strip("/"), elapsed,
+             total / MiB / max(elapsed, 1e-9))
     return sorted(done)

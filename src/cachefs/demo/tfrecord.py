@@ -99,7 +99,9 @@ def _read_exact_into(fileobj: BinaryIO, view: memoryview) -> int:
     got = 0
     total = len(view)
     while got < total:
-        n = fileobj.readinto(view[got:])
+        # typing.BinaryIO leaves readinto out; every binary file (open(..., 'rb'), BytesIO,
+        # a socket's makefile) has it
+        n = fileobj.readinto(view[got:])  # type: ignore[attr-defined]
         if not n:
             break
         got += n
@@ -151,7 +153,8 @@ def iter_records(fileobj: BinaryIO, verify: bool = True) -> Iterator[bytes]:
         if _read_exact_into(fileobj, footer_view) != FOOTER_SIZE:
             raise CorruptRecord("truncated record footer at offset %d" % offset)
         if verify and masked_crc32c(data) != _FOOTER.unpack(footer)[0]:
-            raise CorruptRecord("bad data CRC for record at offset %d (%d bytes)" % (offset, length))
+            raise CorruptRecord("bad data CRC for record at offset %d (%d bytes)"
+                                % (offset, length))
         offset += length + RECORD_OVERHEAD
         yield data
 
