@@ -9,14 +9,21 @@ Values may also come from `CACHEFS_*` environment variables, a config file and a
 `configfile.py` merges those layers below the command line.
 """
 
+from __future__ import annotations
+
 import argparse
 import logging
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from .errors import EXIT_USAGE, UserError
 from .units import parse_duration, parse_size
+
+if TYPE_CHECKING:
+    from .cache.disk import DiskTier
 
 log = logging.getLogger(__name__)
 
@@ -25,14 +32,14 @@ MiB = 1 << 20
 GiB = 1 << 30
 
 
-def default_cache_dir():
+def default_cache_dir() -> str:
     if os.geteuid() == 0:
         return '/var/cache/cachefs'
     base = os.environ.get('XDG_CACHE_HOME') or os.path.expanduser('~/.cache')
     return os.path.join(base, 'cachefs')
 
 
-def machine_memory():
+def machine_memory() -> int:
     """Bytes of RAM of this machine: no memory budget can exceed it."""
     try:
         return os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
@@ -94,7 +101,7 @@ class Option:
     help: str
     choices: tuple = ()
     limits: str = ''        # the values allowed, in words (help, errors, README)
-    check: object = None    # value -> None, or raises ValueError (see above)
+    check: Callable[[Any], None] | None = None    # None, or raises ValueError (see above)
 
 
 MAX_ID = 2 ** 32 - 2        # uid/gid: (uid_t)-1 means "unchanged" to the kernel
@@ -217,9 +224,9 @@ def _parse(option, text):
     return text
 
 
-def converter(option):
+def converter(option: Option) -> Callable[[str], Any]:
     """The argparse `type` of an option: parse, then check the value against its range."""
-    def convert(text):
+    def convert(text: str) -> Any:
         try:
             value = _parse(option, text)
             if option.check is not None:
@@ -232,7 +239,7 @@ def converter(option):
     return convert
 
 
-def parse_address(text):
+def parse_address(text: str) -> tuple[str, int]:
     """'127.0.0.1:9100' -> ('127.0.0.1', 9100); '[::1]:9100' and ':9100' (every address) too."""
     host, sep, port = str(text).strip().rpartition(':')
     if not sep or not port.isdigit() or not 0 < int(port) < 65536:
@@ -241,7 +248,8 @@ def parse_address(text):
     return host or '0.0.0.0', int(port)
 
 
-def resolve_auto_eviction(options, disk, dataset_bytes):
+def resolve_auto_eviction(options: argparse.Namespace, disk: DiskTier | None,
+                          dataset_bytes: int) -> None:
     """`--eviction auto`: once the dataset size is known, `none` when the SSD tier cannot hold
     the whole dataset (every epoch then hits the same cached part, without SSD churn), else
     `lru`. Sets the policy on the options (reported by stats) and on the tier."""
@@ -255,7 +263,7 @@ def resolve_auto_eviction(options, disk, dataset_bytes):
              dataset_bytes, options.eviction)
 
 
-def add_mount_options(parser):
+def add_mount_options(parser: argparse.ArgumentParser) -> None:
     for option in MOUNT_OPTIONS:
         flag = '--' + option.name
         if option.kind == 'flag':
@@ -272,7 +280,7 @@ def add_mount_options(parser):
                                 help=f'{option.help} ({shown})'.replace('%', '%%'))
 
 
-def expand_dash_o(argv):
+def expand_dash_o(argv: list[str]) -> list[str]:
     """Rewrite `-o a=b,c` (and `-oa=b`) into `--a=b --c`; drop generic mount(8) options.
 
     A value is joined to its option (`--region=-x`), so that one starting with '-' is not taken

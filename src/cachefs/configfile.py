@@ -21,13 +21,15 @@ import argparse
 import logging
 import os
 import sys
+from collections.abc import Mapping
+from typing import Any
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:                           # Python 3.10
     import tomli as tomllib
 
-from .config import FLAG_FALSE, FLAG_TRUE, MOUNT_OPTIONS, converter
+from .config import FLAG_FALSE, FLAG_TRUE, MOUNT_OPTIONS, Option, converter
 from .errors import EXIT_USAGE, UserError
 
 log = logging.getLogger(__name__)
@@ -54,12 +56,13 @@ _OPTIONS = {option.name: option for option in MOUNT_OPTIONS}
 _NOT_IN_FILE = {'config'}
 
 
-def user_config_path():
+def user_config_path() -> str:
     base = os.environ.get('XDG_CONFIG_HOME') or os.path.expanduser('~/.config')
     return os.path.join(base, 'cachefs', 'config.toml')
 
 
-def find_config_file(explicit=None, environ=None):
+def find_config_file(explicit: str | None = None,
+                     environ: Mapping[str, str] | None = None) -> str | None:
     """The config file to read, or None. An explicit path (flag or CACHEFS_CONFIG) must exist."""
     environ = os.environ if environ is None else environ
     explicit = explicit or environ.get(ENV_PREFIX + 'CONFIG')
@@ -71,14 +74,14 @@ def find_config_file(explicit=None, environ=None):
     return next((path for path in candidates if os.path.isfile(path)), None)
 
 
-def _option(name, where):
+def _option(name: str, where: str) -> Option:
     option = _OPTIONS.get(str(name).replace('_', '-'))
     if option is None:
         raise UserError(f'{where}: unknown option {name!r}', EXIT_USAGE)
     return option
 
 
-def convert(option, value, where):
+def convert(option: Option, value: Any, where: str) -> Any:
     """A value from the environment, the file or a profile, converted as its flag would be."""
     if option.kind == 'flag':
         if isinstance(value, bool):
@@ -101,7 +104,7 @@ def convert(option, value, where):
         raise UserError(f'{where}: {option.name}: {exc}', EXIT_USAGE) from None
 
 
-def load_config_file(path):
+def load_config_file(path: str) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
     """({option name: raw value} of [mount], {profile: {option name: raw value}})."""
     try:
         with open(path, 'rb') as f:
@@ -131,16 +134,16 @@ def load_config_file(path):
     return mount, profiles
 
 
-def _table(table, where):
+def _table(table: Any, where: str) -> dict[str, Any]:
     if not isinstance(table, dict):
         raise UserError(f'{where}: expected a table of options', EXIT_USAGE)
     return {_option(name, where).name: value for name, value in table.items()}
 
 
-def environment_values(environ=None):
+def environment_values(environ: Mapping[str, str] | None = None) -> dict[str, str]:
     """{option name: text} of the CACHEFS_<OPTION> variables that are set."""
     environ = os.environ if environ is None else environ
-    values = {}
+    values: dict[str, str] = {}
     for option in MOUNT_OPTIONS:
         variable = ENV_PREFIX + option.name.replace('-', '_').upper()
         if variable in environ:
@@ -148,7 +151,8 @@ def environment_values(environ=None):
     return values
 
 
-def layered_defaults(flag_config=None, flag_profile=None, environ=None):
+def layered_defaults(flag_config: str | None = None, flag_profile: str | None = None,
+                     environ: Mapping[str, str] | None = None) -> dict[str, Any]:
     """{dest: converted value} from the environment, the config file and the profile: the
     defaults to install before the command line is parsed again. `flag_config` and
     `flag_profile` are the --config and --profile given on the command line, if any."""
@@ -163,7 +167,8 @@ def layered_defaults(flag_config=None, flag_profile=None, environ=None):
     if profile is not None and profile not in profiles:
         raise UserError(f'unknown profile {profile!r} (known: {", ".join(sorted(profiles))})',
                         EXIT_USAGE)
-    layers = [(profiles.get(profile, {}), lambda name: f'profile {profile}'),
+    layers = [(profiles[profile] if profile is not None else {},
+               lambda name: f'profile {profile}'),
               (file_values, lambda name: f'config file {path}'),
               (env, lambda name: ENV_PREFIX + name.replace('-', '_').upper())]
     merged = {}

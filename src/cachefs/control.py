@@ -39,10 +39,12 @@ import json
 import logging
 import os
 import signal
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 from .errors import EXIT_ACCESS, EXIT_NOT_MOUNTED, EXIT_USAGE, UserError
-from .mounts import MOUNTINFO, mount_entries
+from .mounts import MOUNTINFO, MountEntry, mount_entries
 
 log = logging.getLogger(__name__)
 
@@ -60,11 +62,12 @@ _MISSING = {errno.ENOENT, errno.ENOTDIR, errno.ENAMETOOLONG, errno.ELOOP}
 
 # -- /proc/self/mountinfo (mounts.py reads it): what the kernel says, which no user can forge --
 
-def _is_under(path, mountpoint):
+def _is_under(path: str, mountpoint: str) -> bool:
     return path == mountpoint or path.startswith(mountpoint.rstrip('/') + '/')
 
 
-def mount_holding(path, entries, dev=None):
+def mount_holding(path: str, entries: Iterable[MountEntry],
+                  dev: tuple[int, int] | None = None) -> MountEntry | None:
     """The mount that `path` (absolute, symlinks resolved) lies on: the deepest mount point
     above it, the last one mounted where several share it. With `dev` (the path's st_dev as
     (major, minor)), only a mount of that device counts."""
@@ -77,7 +80,7 @@ def mount_holding(path, entries, dev=None):
     return found
 
 
-def owner_problem(entry, caller_uid):
+def owner_problem(entry: MountEntry | None, caller_uid: int) -> str | None:
     """Why the commands of `caller_uid` must not act on `entry` (None: they may). Pure logic."""
     if entry is None or entry.fstype != FSTYPE:
         return 'not a cachefs mount'
@@ -92,12 +95,12 @@ def owner_problem(entry, caller_uid):
 
 # -- the daemon's process --
 
-def _read_proc(pid, name, proc=PROC):
+def _read_proc(pid: int, name: str, proc: str = PROC) -> bytes:
     with open(os.path.join(proc, str(pid), name), 'rb') as f:
         return f.read()
 
 
-def process_uids(pid, proc=PROC):
+def process_uids(pid: int, proc: str = PROC) -> tuple[int, int]:
     """(real, effective) uid of a process."""
     for line in _read_proc(pid, 'status', proc).decode(errors='replace').splitlines():
         if line.startswith('Uid:'):
@@ -106,14 +109,14 @@ def process_uids(pid, proc=PROC):
     raise ValueError(f'no Uid line in /proc/{pid}/status')
 
 
-def _is_cachefs_command(argv):
+def _is_cachefs_command(argv: list[str]) -> bool:
     """`cachefs ...`, `mount.cachefs ...`, `python /usr/bin/cachefs ...`, `python -m cachefs`."""
     if any(os.path.basename(arg) in _COMMAND_NAMES for arg in argv[:2]):
         return True
     return any(a == '-m' and b == 'cachefs' for a, b in zip(argv, argv[1:]))
 
 
-def _names_mountpoint(argv, mountpoint, cwd):
+def _names_mountpoint(argv: list[str], mountpoint: str, cwd: str | None) -> bool:
     for arg in argv[1:]:
         if not arg or '://' in arg:
             continue
@@ -126,7 +129,8 @@ def _names_mountpoint(argv, mountpoint, cwd):
     return False
 
 
-def daemon_problem(pid, mountpoint, owner_uid, proc=PROC):
+def daemon_problem(pid: int, mountpoint: str, owner_uid: int | None,
+                   proc: str = PROC) -> str | None:
     """Why process `pid` is not to be taken for the daemon of `mountpoint` (None: it is)."""
     try:
         uids = process_uids(pid, proc)
@@ -147,11 +151,11 @@ def daemon_problem(pid, mountpoint, owner_uid, proc=PROC):
 
 # -- a mount, checked --
 
-def _not_mounted(path, problem):
+def _not_mounted(path: str, problem: str) -> UserError:
     return UserError(f'{path} is {problem}', EXIT_NOT_MOUNTED)
 
 
-def _dead_mount(path, mountpoint):
+def _dead_mount(path: str, mountpoint: str) -> UserError:
     return UserError(f'{path} is on a dead cachefs mount (its daemon is gone); clean it with: '
                      f'cachefs umount {mountpoint}', EXIT_NOT_MOUNTED)
 
@@ -159,16 +163,16 @@ def _dead_mount(path, mountpoint):
 class Mount:
     """A cachefs mount whose kernel record passed the checks (and, unless dead, its daemon)."""
 
-    def __init__(self, path, entry, dead=False):
+    def __init__(self, path: str, entry: MountEntry, dead: bool = False) -> None:
         self.path = path                  # as the user gave it, for messages
         self.mountpoint = entry.mountpoint
         self.entry = entry
         self.owner_uid = entry.owner_uid
         self.dead = dead
-        self._pid = None
+        self._pid: int | None = None
 
     @contextmanager
-    def _root(self):
+    def _root(self) -> Iterator[int]:
         """An fd of the mount's root folder, checked to be on the mount's device: the path is
         looked up once, so nothing can be swapped in between the check and the question."""
         try:
@@ -183,20 +187,20 @@ class Mount:
         finally:
             os.close(fd)
 
-    def _unreachable(self, exc):
+    def _unreachable(self, exc: OSError) -> UserError:
         if exc.errno in _DEAD:
             self.dead = True
             return _dead_mount(self.path, self.mountpoint)
         return _not_mounted(self.path, f'not a live cachefs mount ({exc.strerror})')
 
-    def _ask(self, name):
+    def _ask(self, name: bytes) -> bytes:
         with self._root() as fd:
             try:
                 return os.getxattr(fd, name)
             except OSError as exc:
                 raise self._unreachable(exc) from None
 
-    def daemon_pid(self):
+    def daemon_pid(self) -> int:
         """The daemon's pid, once checked to be a cachefs daemon of this mount, of its owner."""
         if self._pid is None:
             try:
@@ -210,7 +214,7 @@ class Mount:
             self._pid = pid
         return self._pid
 
-    def stats(self):
+    def stats(self) -> dict[str, Any]:
         """The daemon's counters (a dict)."""
         self.daemon_pid()
         try:
@@ -218,7 +222,7 @@ class Mount:
         except ValueError:
             raise _not_mounted(self.path, 'not a cachefs mount (its stats are garbled)') from None
 
-    def request_refresh(self):
+    def request_refresh(self) -> None:
         """Ask the daemon to list the store again (SIGHUP)."""
         pid = self.daemon_pid()
         try:
@@ -230,7 +234,8 @@ class Mount:
             raise _not_mounted(self.path, 'a cachefs mount whose daemon just exited') from None
 
 
-def open_mount(path, inside=False, allow_dead=False, caller_uid=None, mountinfo=MOUNTINFO):
+def open_mount(path: str, inside: bool = False, allow_dead: bool = False,
+               caller_uid: int | None = None, mountinfo: str = MOUNTINFO) -> Mount:
     """The checked cachefs mount at `path` (or, with `inside`, the one holding it), else a
     one-line UserError: EXIT_NOT_MOUNTED, or EXIT_USAGE for a path that does not exist. A dead
     mount is returned (with `dead` set) only when `allow_dead`."""
@@ -249,10 +254,10 @@ def open_mount(path, inside=False, allow_dead=False, caller_uid=None, mountinfo=
     real = os.path.realpath(absolute)
     entry = mount_holding(real, mount_entries(mountinfo), dev)
     what = 'inside a cachefs mount' if inside else 'a cachefs mount'
+    if entry is None or entry.fstype != FSTYPE:
+        raise _not_mounted(path, f'not {what}')
     problem = owner_problem(entry, caller_uid)
     if problem:
-        if entry is None or entry.fstype != FSTYPE:
-            raise _not_mounted(path, f'not {what}')
         raise _not_mounted(path, problem)
     if not inside and entry.mountpoint != real:
         raise _not_mounted(path, f'not a cachefs mount (it is inside the cachefs mount '
@@ -269,6 +274,6 @@ def open_mount(path, inside=False, allow_dead=False, caller_uid=None, mountinfo=
     return mount
 
 
-def cached_state(path):
+def cached_state(path: str) -> dict[str, int]:
     """{'size', 'blocks', 'cached_blocks', 'cached_bytes'} of one file of a checked mount."""
     return json.loads(os.getxattr(path, XATTR_CACHED))
