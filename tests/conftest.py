@@ -29,6 +29,10 @@ from cachefs.demo.seaweed import SeaweedServer, upload_tree  # noqa: E402
 from support.oss_server import OssServer  # noqa: E402
 from support.proxy import CountingProxy  # noqa: E402
 
+# support.checklogs: a test fails on an error or a traceback a daemon logged that it did not declare
+# (pytester runs the tests of that check)
+pytest_plugins = ['support.checklogs', 'pytester']
+
 BLOCK_SIZE = 1 << 20          # small blocks in tests, so that small files span many of them
 S3_BUCKET = 'cachefs-test'
 OSS_BUCKET = 'cachefs-oss-test'
@@ -39,7 +43,51 @@ def fuse_available():
     return os.path.exists('/dev/fuse') and os.access('/dev/fuse', os.R_OK | os.W_OK)
 
 
+# The tier of every test module (README, "Development"): `pytest -m t0` runs one tier alone.
+# A test is in its module's tier, raised to t1 when it uses a store server fixture and to t2 when
+# it mounts (the `fuse` marker or a fixture that mounts): the tier says what a test needs.
+TIERS = {
+    't0': ('block_cache', 'config', 'configfile', 'control', 'disk_format', 'docs',
+           'failure_modes_doc', 'import_shape', 'listing_integrity', 'log_check', 'log_escaping',
+           'metrics', 'namespace', 'operations', 'options', 'retired_nodes', 's3_sign', 'tiers'),
+    't1': ('etag_checks', 'http_hostile', 'local_source_hardening', 'oss_server', 's3_get',
+           's3_read_paths', 's3_trio'),
+    't2': ('cache', 'cache_folder', 'credential_refresh', 'errors', 'mount', 'security',
+           'warmup'),
+    't3': ('faults', 'reliability', 'shutdown', 'store_slots', 'stuck_disk'),
+    't4': ('demo_support', 'deploy', 'examples'),
+}
+TIER_NEEDS = {
+    't0': 'pure logic: no server, no mount',
+    't1': 'stores: SeaweedFS, the OSS test server, scripted HTTP servers; no mount',
+    't2': 'real FUSE mounts (/dev/fuse)',
+    't3': 'faults and reliability: fault proxy, stuck disks, killed daemons, long runs',
+    't4': 'deployment and tools: manifests, systemd unit, demo, examples, bench support',
+}
+SERVER_FIXTURES = {'seaweed', 's3_proxy', 's3_source', 's3_env', 'mutable_s3_source',
+                   'oss_server', 'oss_source', 'private_oss_source', 'source', 'remote_source'}
+MOUNT_FIXTURES = {'mounter', 'forged_mount'}      # forged_mount: test_control's own FUSE mount
+MODULE_TIER = {f'test_{name}.py': tier for tier, names in TIERS.items() for name in names}
+
+
+def tier_of(item):
+    """The tier of a collected test, or None when its module has no row in TIERS."""
+    tier = MODULE_TIER.get(item.path.name)
+    if tier is None:
+        return None
+    names = set(getattr(item, 'fixturenames', ()))
+    if tier < 't1' and names & SERVER_FIXTURES:
+        tier = 't1'
+    if tier < 't2' and ('fuse' in item.keywords or names & MOUNT_FIXTURES):
+        tier = 't2'
+    return tier
+
+
 def pytest_collection_modifyitems(config, items):
+    for item in items:
+        tier = tier_of(item)
+        if tier:
+            item.add_marker(tier)
     if fuse_available():
         return
     skip = pytest.mark.skip(reason='/dev/fuse is absent or not accessible')
@@ -50,6 +98,8 @@ def pytest_collection_modifyitems(config, items):
 
 def pytest_configure(config):
     config.addinivalue_line('markers', 'fuse: needs /dev/fuse and mounts a real file system')
+    for tier, needs in TIER_NEEDS.items():
+        config.addinivalue_line('markers', f'{tier}: test tier {tier}, {needs}')
 
 
 def clean_env(**extra):
@@ -64,8 +114,8 @@ def clean_env(**extra):
 
 
 def run_cachefs(*args, env=None, timeout=120):
-    return subprocess.run([sys.executable, '-m', 'cachefs', *map(str, args)], env=env or clean_env(),
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run([sys.executable, '-m', 'cachefs', *map(str, args)],
+                          env=env or clean_env(), capture_output=True, text=True, timeout=timeout)
 
 
 sha256_of = file_sha256
@@ -234,8 +284,12 @@ class Mounter:
 
 
 @pytest.fixture
-def mounter(tmp_path):
+def mounter(tmp_path, request):
     mounter = Mounter(tmp_path)
+    # unmounted before the daemon logs are checked, so that what a daemon logs on its way out
+    # counts for the test
+    request.config.pluginmanager.get_plugin('support.checklogs').stop_before_check(
+        request.node, mounter.cleanup)
     try:
         yield mounter
     finally:

@@ -153,6 +153,8 @@ def read_uncached(path):
         os.close(fd)
 
 
+@pytest.mark.expected_log(r'WARNING botocore\.credentials: Refreshing temporary credentials failed '
+                          r'during mandatory refresh period')
 def test_expiring_credentials_are_refreshed_off_the_fuse_loop_and_reads_never_fail(
         rotating_seaweed, credential_data, mounter):
     root, manifest = credential_data

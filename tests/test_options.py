@@ -197,6 +197,7 @@ def column(index, tmp_path):
 
 
 @pytest.mark.parametrize('index', range(max(len(good) for good, _ in TABLE.values())))
+@pytest.mark.expected_log(r'ERROR cachefs\.cli: mount point \S+/no-such-mountpoint does not exist')
 def test_good_values_reach_the_daemon_process_in_the_foreground_and_the_background(
         tmp_path, index):
     missing = tmp_path / 'no-such-mountpoint'

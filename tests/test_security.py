@@ -282,6 +282,8 @@ def free_port():
         return s.getsockname()[1]
 
 
+@pytest.mark.expected_log(r'ERROR cachefs\.cli: access denied to s3://\S+: listing s3://\S+: '
+                          r'SignatureDoesNotMatch ')
 def test_secrets_never_reach_logs_stats_metrics_or_error_messages(seaweed, tmp_path, mounter):
     """A mount at debug level, reads that succeed and reads that fail, then every place a
     secret could leak to is searched for it (and for its first half, in case of truncation)."""
