@@ -146,3 +146,20 @@ def test_a_message_that_quotes_a_forged_record_is_not_an_error():
 def test_a_traceback_printed_on_stderr_before_any_record_fails():
     log = 'Traceback (most recent call last):\n  File "x.py", line 1\nRuntimeError: boom\n'
     assert len(unexpected_records(log)) == 1
+
+
+REPLY_DROPPED = ('2026-01-01 00:00:02,000 ERROR pyfuse3: fuse_read(): fuse_reply_* failed with No '
+                 'such file or directory\n')
+SESSION_EXITING = ('2026-01-01 00:00:01,000 DEBUG pyfuse3: FUSE session exit flag set while '
+                   'waiting for FUSE fd to become readable.\n')
+
+
+def test_an_answer_the_kernel_dropped_at_the_unmount_is_no_error():
+    assert unexpected_records(SESSION_EXITING + REPLY_DROPPED) == []
+
+
+def test_an_answer_the_kernel_dropped_while_mounted_is_an_error():
+    remounted = '2026-01-01 00:00:01,500 INFO cachefs.daemon: mounted /src on /mnt\n'
+    assert unexpected_records(REPLY_DROPPED) == [REPLY_DROPPED.rstrip('\n')]
+    assert unexpected_records(SESSION_EXITING + remounted + REPLY_DROPPED) == [
+        REPLY_DROPPED.rstrip('\n')]

@@ -7,10 +7,11 @@ each mount's log there (`mnt.log`), and the tests that start a daemon their own 
 so a traceback Python prints on its own (an exception in a thread) is seen as well.
 
 What fails: a record at ERROR or CRITICAL level, and a record followed by a traceback (a warning
-logged with `exc_info` included). A record is one line (`cachefs.logs` escapes every control
-character of a message), so only a line that starts with the formatter's timestamp starts one;
-the lines after it, up to the next record, are its traceback or whatever the process printed on
-stderr.
+logged with `exc_info` included); not pyfuse3's error about an answer the kernel no longer wanted
+once the mount is going away (REPLY_AFTER_UNMOUNT below). A record is one line (`cachefs.logs`
+escapes every control character of a message), so only a line that starts with the formatter's
+timestamp starts one; the lines after it, up to the next record, are its traceback or whatever
+the process printed on stderr.
 
 Declaring what a test provokes on purpose, narrowly, one regular expression per message:
 
@@ -36,6 +37,15 @@ RECORD = re.compile(r'\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (?P<level>[A-Z]+) ')
 FAILING_LEVELS = ('ERROR', 'CRITICAL')
 TRACEBACK = 'Traceback (most recent call last):'
 SHOWN_LINES = 12        # of each unexpected record in the failure message
+
+# A read still in flight when the mount goes away (readahead of a file whose read failed, say):
+# the kernel ends the request with the unmount, and when the daemon answers it libfuse discards
+# the answer with ENOENT, which pyfuse3 logs at ERROR. Harmless once pyfuse3's session is exiting,
+# so every test would have to declare it now and then; before that it is still an error.
+SESSION_EXITING = 'DEBUG pyfuse3: FUSE session exit flag set'
+MOUNTED = re.compile(r'INFO cachefs\.daemon: mounted ')
+REPLY_AFTER_UNMOUNT = re.compile(
+    r'ERROR pyfuse3: fuse_\w+\(\): fuse_reply_\* failed with No such file or directory$')
 
 _offsets = pytest.StashKey()       # item -> {log path: bytes already checked}
 _stoppers = pytest.StashKey()      # item -> [callables that stop the test's daemons]
@@ -67,8 +77,18 @@ def is_failing(level, text):
 def unexpected_records(text, expected=()):
     """The records of `text` that fail a test: errors and tracebacks no expression matches."""
     patterns = [re.compile(pattern) for pattern in expected]
-    return [record for level, record in records(text)
-            if is_failing(level, record) and not any(p.search(record) for p in patterns)]
+    found, exiting = [], False
+    for level, record in records(text):
+        if MOUNTED.search(record):
+            exiting = False
+        elif SESSION_EXITING in record:
+            exiting = True
+        if not is_failing(level, record) or any(p.search(record) for p in patterns):
+            continue
+        if exiting and REPLY_AFTER_UNMOUNT.search(record):
+            continue
+        found.append(record)
+    return found
 
 
 def expected_patterns(item):
