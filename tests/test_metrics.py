@@ -7,10 +7,11 @@ import urllib.request
 
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
 
 from cachefs.fuse.operations import LATENCY_BUCKETS, OpLatency
 from cachefs.metrics import _Collector, percentile
-from conftest import is_mounted, run_cachefs
+from conftest import drop_page_cache, is_mounted, run_cachefs
 
 BOUNDS = (0.001, 0.01, 0.1)
 
@@ -125,3 +126,51 @@ def test_stats_for_humans_show_ratio_tiers_prefetch_and_latency_percentiles(loca
     assert int(read[1]) >= 1 and all(cell[-2:] in ('us', 'ms') or cell.endswith('s')
                                      for cell in read[2:])
     assert '"fuse_ops"' in run_cachefs('stats', '--json', mounted.path).stdout
+
+
+def samples(text):
+    """{(sample name, labels as a sorted tuple): value} of an exposition."""
+    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(text) for sample in family.samples}
+
+
+def scrape_live(port):
+    with urllib.request.urlopen(f'http://127.0.0.1:{port}/metrics', timeout=10) as response:
+        return samples(response.read().decode())
+
+
+def test_collector_exports_bytes_read_by_tier_and_the_ssd_tier_state():
+    def stats():
+        return fake_stats() | {'memory_read_bytes': 5, 'disk_read_bytes': 6,
+                               'store_read_bytes': 7, 'disk_offline': True,
+                               'fuse_retired_nodes': 2, 'prefetch_in_flight_bytes': 8}
+    found = samples(scrape(stats, {}))
+    assert [found[('cachefs_read_bytes_total', (('tier', tier),))]
+            for tier in ('memory', 'disk', 'store')] == [5, 6, 7]
+    assert found[('cachefs_disk_offline', ())] == 1
+    assert found[('cachefs_fuse_retired_nodes', ())] == 2
+    assert found[('cachefs_prefetch_in_flight_bytes', ())] == 8
+
+
+@pytest.mark.fuse
+def test_bytes_read_by_tier_add_up_to_what_the_daemon_answered(local_source, mounter):
+    """An SSD epoch, a store read and a memory read of the same mount, each counted in full in
+    its tier (no prefetch: a reader's own fetch goes to the memory tier)."""
+    from_disk, other = 'five_and_a_half_blocks.bin', 'one_block_plus_one.bin'
+    first = mounter.mount(local_source, '--prefetch-window', '0')
+    (first.path / from_disk).read_bytes()
+    mounter.umount(first)                   # writes its blocks to the SSD
+    drop_page_cache()
+    port = free_port()
+    mounted = mounter.mount(local_source, '--prefetch-window', '0',
+                            '--metrics-addr', f'127.0.0.1:{port}')
+    disk_size = len((mounted.path / from_disk).read_bytes())
+    other_size = len((mounted.path / other).read_bytes())
+    drop_page_cache()
+    assert len((mounted.path / other).read_bytes()) == other_size
+    found = scrape_live(port)
+    by_tier = {tier: found[('cachefs_read_bytes_total', (('tier', tier),))]
+               for tier in ('memory', 'disk', 'store')}
+    assert by_tier == {'memory': other_size, 'disk': disk_size, 'store': other_size}
+    assert found[('cachefs_disk_offline', ())] == 0
+    assert found[('cachefs_fuse_retired_nodes', ())] == 0

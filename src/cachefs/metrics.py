@@ -61,9 +61,22 @@ GAUGES = (
      'Blocks not yet on the SSD tier (held in memory, queued or being written).'),
     ('cachefs_disk_index_ready', 'disk_index_ready',
      '1 once the block files found at start are indexed.'),
+    ('cachefs_disk_offline', 'disk_offline',
+     '1 while the SSD tier is offline (a disk call missed its deadline; reads go to the store).'),
+    ('cachefs_prefetch_in_flight_bytes', 'prefetch_in_flight_bytes',
+     'Bytes of the prefetches under way.'),
+    ('cachefs_prefetch_memory_used_bytes', 'prefetch_memory_used_bytes',
+     'Prefetch budget in use: prefetches under way plus prefetched blocks not yet read.'),
+    ('cachefs_prefetch_memory_capacity_bytes', 'prefetch_memory_capacity_bytes',
+     'The prefetch budget (--prefetch-memory).'),
+    ('cachefs_fuse_retired_nodes', 'fuse_retired_nodes',
+     'Nodes of replaced listings still held because the kernel refers to them.'),
 )
 TIERS = (('memory', 'memory_hits', 'memory_used_bytes', 'memory_capacity_bytes'),
          ('disk', 'disk_hits', 'disk_used_bytes', 'disk_capacity_bytes'))
+# (tier label, stats key) of the bytes answered to reads, by the tier that served them.
+READ_TIERS = (('memory', 'memory_read_bytes'), ('disk', 'disk_read_bytes'),
+              ('store', 'store_read_bytes'))
 
 
 def latency_snapshot(latency):
@@ -122,6 +135,13 @@ def collect_families(stats, latency, bounds):
         used.add_metric([tier], stats.get(used_key, 0))
         capacity.add_metric([tier], stats.get(capacity_key, 0))
     yield from (hits, used, capacity)
+    if any(key in stats for _, key in READ_TIERS):
+        served = CounterMetricFamily(
+            'cachefs_read_bytes', 'Bytes answered to FUSE reads, by the tier that served them '
+            '(reads served by the kernel page cache never reach the daemon).', labels=['tier'])
+        for tier, key in READ_TIERS:
+            served.add_metric([tier], stats.get(key, 0))
+        yield served
     lookups = stats.get('hits', 0) + stats.get('misses', 0)
     yield GaugeMetricFamily('cachefs_cache_hit_ratio',
                             'Block reads served by a cache tier, of all block reads since mount.',

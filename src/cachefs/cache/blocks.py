@@ -211,27 +211,39 @@ class BlockCache:
     async def _block_range(self, key: str, etag: str, file_size: int, index: int, start: int,
                            length: int) -> Block:
         block_id = (key, etag, index)
+        counters = self.counters
         data = self.memory.get(block_id)
         if data is not None:
-            self.counters.memory_hits += 1
+            counters.memory_hits += 1
+            counters.memory_bytes_read += length
             return memoryview(data)[start:start + length]
         prefetched = self._prefetched_blocks.get(block_id)
         if prefetched is not None:
             prefetched.read = True
             if prefetched.from_disk:
-                self.counters.disk_hits += 1
+                counters.disk_hits += 1
+                counters.disk_bytes_read += length
             else:
-                self.counters.memory_hits += 1
+                counters.memory_hits += 1
+                counters.store_bytes_read += length     # read ahead from the store
             return memoryview(prefetched.data)[start:start + length]
         data = self._on_its_way_to_disk(block_id)
         if data is not None:
-            self.counters.memory_hits += 1
+            counters.memory_hits += 1
+            counters.memory_bytes_read += length
             return memoryview(data)[start:start + length]
-        if self._disk_io is not None and block_id not in self._pending:
+        pending = self._pending.get(block_id)
+        if self._disk_io is not None and pending is None:
             data = await self._disk_io.read(block_id, start, length)
             if data is not None:
+                counters.disk_bytes_read += length
                 return data
         data = await self._fetch(block_id, file_size, prefetch=False)
+        # A fetch already under way may be a prefetch from the SSD (a disk hit, fetches.py)
+        if pending is not None and pending.from_disk:
+            counters.disk_bytes_read += length
+        else:
+            counters.store_bytes_read += length
         return memoryview(data)[start:start + length]
 
     def cached_blocks(self, key: str, etag: str, file_size: int) -> tuple[int, int]:
@@ -266,3 +278,8 @@ class BlockCache:
     @property
     def prefetch_memory_used(self) -> int:
         return self._prefetcher.memory_used
+
+    @property
+    def prefetch_in_flight(self) -> int:
+        """Bytes of the prefetches under way (part of prefetch_memory_used)."""
+        return self._prefetcher.in_flight

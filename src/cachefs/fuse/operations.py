@@ -128,6 +128,11 @@ class Operations(pyfuse3.Operations):
         self._open_counts: dict[int, int] = {}  # inode -> open file handles
         self.latency: dict[str, OpLatency] = {}     # operation name -> OpLatency
 
+    @property
+    def retired_nodes(self) -> int:
+        """Nodes of replaced trees still held for the kernel (stats, metrics)."""
+        return len(self._retired)
+
     def _node(self, inode: int) -> Node:
         node = self.tree.get(inode) or self._retired.get(inode)
         if node is None:
