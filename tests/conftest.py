@@ -52,8 +52,8 @@ TIERS = {
            'metrics', 'namespace', 'operations', 'options', 'retired_nodes', 's3_sign', 'tiers'),
     't1': ('etag_checks', 'http_hostile', 'local_source_hardening', 'oss_server', 's3_get',
            's3_read_paths', 's3_trio'),
-    't2': ('cache', 'cache_folder', 'credential_refresh', 'errors', 'mount', 'security',
-           'warmup'),
+    't2': ('cache', 'cache_folder', 'credential_refresh', 'dashboard', 'errors', 'mount',
+           'security', 'warmup'),
     't3': ('faults', 'reliability', 'shutdown', 'store_slots', 'stuck_disk'),
     't4': ('demo_support', 'deploy', 'examples'),
 }
