@@ -67,7 +67,8 @@ def number(value, unit=''):
     if value is None:
         return '-'
     if unit == 's':
-        return f'{value:.2f}' if value < 10 else f'{value:.1f}'
+        # round() first: 9.996 is written 10.0, as 10.0 itself is (a parsed table writes back alike)
+        return f'{value:.2f}' if round(value, 2) < 10 else f'{value:.1f}'
     if value >= 100:
         return f'{value:,.0f}'
     return f'{value:.3g}'
@@ -235,8 +236,34 @@ _TITLE = {'scenarios': 'Scenarios', 'block-size-sweep': 'Block-size sweep',
           'get-cost': 'Cost of one store GET', 'analysis': 'Where the time goes (profiles)'}
 
 
-def results_section(result, text):
-    """The RESULTS.md section for this run: how it was run, then its tables."""
+PLOTS_BEGIN, PLOTS_END = '<!-- plots:begin -->', '<!-- plots:end -->'
+
+
+def plots_block(images, source):
+    """Markdown image links to bench/plots/ (paths relative to RESULTS.md), with where they
+    come from; between markers, so that `bench/plots.py --from-results-md` can replace it."""
+    lines = [PLOTS_BEGIN, source]
+    for title, name in images:
+        lines += ['', f'![{title}](plots/{name})']
+    return '\n'.join(lines + [PLOTS_END])
+
+
+def with_plots(section, block):
+    """A section's text with its plots block replaced, or put after its leading bullet list
+    (how the run was made), before the tables."""
+    if PLOTS_BEGIN in section and PLOTS_END in section:
+        before, rest = section.split(PLOTS_BEGIN, 1)
+        return before + block + rest.split(PLOTS_END, 1)[1]
+    lines = section.split('\n')
+    at = 0
+    while at < len(lines) and lines[at].startswith('- '):
+        at += 1
+    return '\n'.join(lines[:at] + ['', block] + lines[at:])
+
+
+def results_section(result, text, plots=''):
+    """The RESULTS.md section for this run: how it was run, its plots (a plots_block), then
+    its tables."""
     m = result['meta']
     lines = [
         f"- command: `{m['command']}`",
@@ -253,9 +280,11 @@ def results_section(result, text):
     if m.get('reduced'):
         lines.append(f"- **reduced run** (the full default run takes about an hour here): "
                      f"{m['reduced']}")
-    lines += ['- versions: ' + '; '.join(f'{k}: {v}' for k, v in m['versions'].items()), '',
-              text, '', 'Command lines of the systems (WORKDIR is the folder given as `--workdir`; '
-              '`python` the interpreter of the run):', '']
+    lines.append('- versions: ' + '; '.join(f'{k}: {v}' for k, v in m['versions'].items()))
+    if plots:
+        lines += ['', plots]
+    lines += ['', text, '', 'Command lines of the systems (WORKDIR is the folder given as '
+              '`--workdir`; `python` the interpreter of the run):', '']
     for name, commands in result['commands'].items():
         # One line per system is enough: later mounts differ only in the prefix and options.
         lines.append(f'- {name}: `{commands[0]}`')

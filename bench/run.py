@@ -3,7 +3,8 @@
 One command: starts SeaweedFS on loopback, generates the seeded datasets once (kept under
 --workdir and reused while the parameters stay the same), runs every selected scenario for every
 selected system, round after round, and prints a table of medians and ratios. The same figures go
-to bench/results/latest.json (and --json-out); --write-results also writes bench/RESULTS.md.
+to bench/results/latest.json (and --json-out); --write-results also writes bench/RESULTS.md and
+draws its plots (bench/plots/*.png, plots.py).
 See bench/README.md for what each figure means.
 
 Everything started here (server, mounts, daemons, reader processes) is stopped and unmounted at
@@ -27,7 +28,7 @@ BENCH_DIR = Path(__file__).resolve().parent
 if str(BENCH_DIR.parent) not in sys.path:
     sys.path.insert(0, str(BENCH_DIR.parent))
 
-from bench import datasets, host, report, scenarios, systems  # noqa: E402
+from bench import datasets, host, plots, report, scenarios, systems  # noqa: E402
 from bench.store import Store  # noqa: E402
 
 log = logging.getLogger('bench')
@@ -118,6 +119,10 @@ def resolve(options):
         raise UsageError('--shards, --small-files, --rounds, --readers and --threads must be >= 1')
     if options.shard_size < 1 * MiB:
         raise UsageError('--shard-size must be at least 1M')
+    if options.write_results and not plots.available():
+        # Found out now rather than after an hour of measuring.
+        raise UsageError("--write-results draws plots with matplotlib, which is missing: "
+                         "pip install -e '.[bench]' (scripts/dev.sh bench installs it)")
     if options.oversub_memory is None:
         # Small next to the data, so that the SSD tier (not memory) decides the hit ratio.
         total = options.shards * options.shard_size
@@ -297,9 +302,12 @@ def _run_locked(options, argv, workdir, rundir):
         path.write_text(data)
         log.info('wrote %s', path)
     if options.write_results:
-        report.write_results(RESULTS_MD, 'block-size-sweep' if sweep else 'scenarios',
-                             report.results_section(result, text))
-        log.info('wrote %s', RESULTS_MD)
+        section = 'block-size-sweep' if sweep else 'scenarios'
+        images = plots.draw(result, section, RESULTS_MD.parent / 'plots')
+        block = report.plots_block(images, plots.FROM_RUN) if images else ''
+        report.write_results(RESULTS_MD, section, report.results_section(result, text, block))
+        log.info('wrote %s and %d plot(s) in %s', RESULTS_MD, len(images),
+                 RESULTS_MD.parent / 'plots')
     mismatch = any(problems for problems in bench.verified.values())
     return 1 if mismatch else 0
 

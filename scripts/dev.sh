@@ -16,6 +16,8 @@ install_system_packages() {
     for pkg in fuse3 libfuse3-dev pkg-config gcc; do
         dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
     done
+    # promtool (Debian's prometheus package) checks and unit-tests deploy/prometheus/'s rules
+    if [[ ${1:-} == test ]]; then dpkg -s prometheus >/dev/null 2>&1 || missing+=(prometheus); fi
     # the benchmark compares against these peers; the tests do not need them
     if [[ ${1:-} == bench ]]; then
         for pkg in s3fs rclone; do dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg"); done
@@ -31,14 +33,16 @@ install_python_packages() {
     if [[ ! -x $VENV/bin/python ]]; then
         "$PYTHON" -m venv "$VENV"
     fi
-    # pyfuse3 builds from source against libfuse3-dev
-    "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e '.[test]'
+    # pyfuse3 builds from source against libfuse3-dev; the benchmark also needs its plots' deps
+    local extras=test
+    [[ ${1:-} == bench ]] && extras=test,bench
+    "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e ".[$extras]"
 }
 
 command=${1:-test}
 shift || true
 install_system_packages "$command"
-install_python_packages
+install_python_packages "$command"
 case $command in
     setup) ;;
     demo) exec "$VENV/bin/cachefs" demo "$@" ;;

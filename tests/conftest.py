@@ -47,7 +47,7 @@ def fuse_available():
 # A test is in its module's tier, raised to t1 when it uses a store server fixture and to t2 when
 # it mounts (the `fuse` marker or a fixture that mounts): the tier says what a test needs.
 TIERS = {
-    't0': ('block_cache', 'config', 'configfile', 'control', 'disk_format', 'docs',
+    't0': ('bench_plots', 'block_cache', 'config', 'configfile', 'control', 'disk_format', 'docs',
            'failure_modes_doc', 'import_shape', 'listing_integrity', 'log_check', 'log_escaping',
            'metrics', 'namespace', 'operations', 'options', 'retired_nodes', 's3_sign', 'tiers'),
     't1': ('etag_checks', 'http_hostile', 'local_source_hardening', 'oss_server', 's3_get',
