@@ -55,7 +55,7 @@ TIERS = {
     't2': ('cache', 'cache_folder', 'credential_refresh', 'dashboard', 'errors', 'mount',
            'security', 'warmup'),
     't3': ('faults', 'reliability', 'shutdown', 'store_slots', 'stuck_disk'),
-    't4': ('demo_support', 'deploy', 'examples'),
+    't4': ('alert_rules', 'demo_support', 'deploy', 'examples'),
 }
 TIER_NEEDS = {
     't0': 'pure logic: no server, no mount',

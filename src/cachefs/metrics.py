@@ -192,11 +192,14 @@ class MetricsServer:
 def start_metrics_server(address, stats, latency):
     """Serve /metrics on `address` (HOST:PORT). `stats` is a callable returning the daemon's
     stats dict; `latency` is `Operations.latency` ({op: OpLatency}), read on every scrape."""
-    from prometheus_client import CollectorRegistry, start_http_server
+    from prometheus_client import CollectorRegistry, ProcessCollector, start_http_server
 
     host, port = parse_address(address)
     registry = CollectorRegistry(auto_describe=False)
     registry.register(_Collector(stats, latency, LATENCY_BUCKETS))
+    # process_resident_memory_bytes and kin (read from /proc/self on each scrape): the memory
+    # alert compares the resident memory with the memory tier plus the prefetch budget
+    ProcessCollector(registry=registry)
     try:
         server, thread = start_http_server(port, addr=host, registry=registry)
     except OSError as exc:
