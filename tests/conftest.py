@@ -49,12 +49,13 @@ def fuse_available():
 TIERS = {
     't0': ('bench_plots', 'block_cache', 'config', 'configfile', 'control', 'disk_format', 'docs',
            'failure_modes_doc', 'import_shape', 'listing_integrity', 'log_check', 'log_escaping',
-           'metrics', 'namespace', 'operations', 'options', 'retired_nodes', 's3_sign', 'tiers'),
+           'memory_budget', 'metrics', 'namespace', 'operations', 'options', 'retired_nodes',
+           's3_sign', 'tiers'),
     't1': ('etag_checks', 'http_hostile', 'local_source_hardening', 'oss_server', 's3_get',
            's3_read_paths', 's3_trio'),
     't2': ('cache', 'cache_folder', 'credential_refresh', 'dashboard', 'errors', 'mount',
            'security', 'warmup'),
-    't3': ('faults', 'reliability', 'shutdown', 'store_slots', 'stuck_disk'),
+    't3': ('faults', 'memory_limit', 'reliability', 'shutdown', 'store_slots', 'stuck_disk'),
     't4': ('alert_rules', 'demo_support', 'deploy', 'examples'),
 }
 TIER_NEEDS = {

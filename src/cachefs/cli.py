@@ -27,6 +27,9 @@ from .units import format_size
 log = logging.getLogger(__name__)
 
 READY_FD_ENV = 'CACHEFS_READY_FD'
+# The options the user gave, for the daemon process of a background mount (whose command line
+# holds every option): internal, set by spawn_daemon only.
+EXPLICIT_ENV = 'CACHEFS_EXPLICIT_OPTIONS'
 SUBCOMMANDS = ('mount', 'umount', 'unmount', 'refresh', 'stats', 'warmup', 'demo')
 
 
@@ -126,13 +129,31 @@ def main(argv=None):
 
 
 def apply_option_layers(parser, argv, options):
-    """Parse the mount command line again over the environment, config file and profile."""
+    """Parse the mount command line again over the environment, config file and profile.
+    `options.explicit` names the options the user gave (memory_budget.py never lowers those)."""
     from .configfile import layered_defaults
-    defaults = layered_defaults(options.config, options.profile)
-    if not defaults:
-        return options
-    parser.mount_parser.set_defaults(**defaults)
-    return parser.parse_args(argv)
+    explicit: set[str] = set()
+    defaults = layered_defaults(options.config, options.profile, explicit=explicit)
+    if defaults:
+        parser.mount_parser.set_defaults(**defaults)
+        options = parser.parse_args(argv)
+    inherited = os.environ.pop(EXPLICIT_ENV, None)
+    if inherited is not None:
+        options.explicit = frozenset(filter(None, inherited.split(',')))
+    else:
+        options.explicit = frozenset(explicit | given_on_command_line(parser, argv))
+    return options
+
+
+def given_on_command_line(parser, argv):
+    """The mount options on the command line (after -o expansion), found by parsing it again
+    into a namespace where every option is already set: argparse then fills in no default, so
+    what changed was given, even when given with its default value."""
+    from .config import MOUNT_OPTIONS
+    unset = object()
+    probe = argparse.Namespace(**{o.name.replace('-', '_'): unset for o in MOUNT_OPTIONS})
+    parser.mount_parser.parse_args(argv[argv.index('mount') + 1:], namespace=probe)
+    return {o.name for o in MOUNT_OPTIONS if getattr(probe, o.name.replace('-', '_')) is not unset}
 
 
 # -- mount --
@@ -195,7 +216,8 @@ def run_daemon(options):
 def spawn_daemon(options):
     argv = [sys.executable, '-m', 'cachefs', 'mount', '--foreground'] + _argv_of(options)
     read_end, write_end = os.pipe()
-    env = dict(os.environ, **{READY_FD_ENV: str(write_end)})
+    env = dict(os.environ, **{READY_FD_ENV: str(write_end),
+                              EXPLICIT_ENV: ','.join(sorted(getattr(options, 'explicit', ())))})
     log_file = open(options.log_file, 'ab') if options.log_file else None
     try:
         daemon = subprocess.Popen(argv, env=env, pass_fds=(write_end,), start_new_session=True,

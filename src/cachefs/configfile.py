@@ -152,10 +152,13 @@ def environment_values(environ: Mapping[str, str] | None = None) -> dict[str, st
 
 
 def layered_defaults(flag_config: str | None = None, flag_profile: str | None = None,
-                     environ: Mapping[str, str] | None = None) -> dict[str, Any]:
+                     environ: Mapping[str, str] | None = None,
+                     explicit: set[str] | None = None) -> dict[str, Any]:
     """{dest: converted value} from the environment, the config file and the profile: the
     defaults to install before the command line is parsed again. `flag_config` and
-    `flag_profile` are the --config and --profile given on the command line, if any."""
+    `flag_profile` are the --config and --profile given on the command line, if any. `explicit`,
+    when given, receives the names of the options the user set in these layers (environment,
+    config file, a profile table of the file), not those of a built-in profile."""
     environ = os.environ if environ is None else environ
     env = environment_values(environ)
     path = find_config_file(flag_config, environ)
@@ -175,6 +178,8 @@ def layered_defaults(flag_config: str | None = None, flag_profile: str | None = 
     for values, where in layers:
         for name, value in values.items():
             merged[name] = convert(_OPTIONS[name], value, where(name))
+    if explicit is not None:
+        explicit.update(env, file_values, file_profiles.get(profile, {}) if profile else {})
     if profile is not None:
         merged['profile'] = profile
     if path is not None:

@@ -23,7 +23,7 @@ from typing import Any
 import pyfuse3
 import trio
 
-from . import mounts
+from . import memory_budget, mounts
 from .cache import folder as cache_folder
 from .cache.blocks import BlockCache
 from .cache.disk import DiskTier, disk_free
@@ -169,10 +169,17 @@ class Daemon:
             cache_dir, source_folder_name(self.source, options.endpoint_url), self.mountpoint)
         self.folder = self.cache_folder.path
         self.disk = self.make_disk_tier()
+        # Options the user gave that cannot fit the memory limit are refused before the listing
+        # (which may take minutes); the sizing itself waits for it, because the tree's share is
+        # only known then (1.28M files are about 1.8 GiB: more than the default caches).
+        self.memory_limit = memory_budget.read_cgroup_limit()
+        memory_budget.fit(options, 0, self.disk is not None, self.memory_limit, announce=None)
         listed_at, objects = load_namespace(self.store, self.source, self.folder, options)
         self.listed_at = listed_at
         self.listing_generation = 0
         self.tree = build_tree(objects, int(listed_at * 1e9))
+        memory_budget.fit(options, self.tree.file_count, self.disk is not None,
+                          self.memory_limit)
         resolve_auto_eviction(options, self.disk, self.tree.total_bytes)
         log.info('%s: %d files, %d folders, %d bytes', self.source, self.tree.file_count,
                  self.tree.dir_count, self.tree.total_bytes)
@@ -253,6 +260,8 @@ class Daemon:
             'disk_corrupt_blocks': disk_counters.corrupt if disk_counters else 0,
             'evictions': disk_counters.evictions if disk_counters else 0,
             'eviction_policy': self.options.eviction,
+            'memory_budget_bytes': memory_budget.formula_of(
+                self.options, self.tree.file_count, disk is not None).total,
         }
 
     # -- serving --
