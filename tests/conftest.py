@@ -10,9 +10,11 @@ import hashlib
 import json
 import os
 import random
+import socket
 import subprocess
 import sys
 import time
+import urllib.request
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -341,6 +343,19 @@ def private_oss_source(tmp_path):
                      env, manifest, root, server.request_count, extra={'server': server})
     finally:
         server.stop()
+
+
+def free_port():
+    """A TCP port on loopback that nothing listens on now (for --metrics-addr)."""
+    with socket.socket() as sock:
+        sock.bind(('127.0.0.1', 0))
+        return sock.getsockname()[1]
+
+
+def live_metrics(port):
+    """The Prometheus exposition a daemon serves on 127.0.0.1:`port` now."""
+    with urllib.request.urlopen(f'http://127.0.0.1:{port}/metrics', timeout=10) as response:
+        return response.read().decode()
 
 
 def wait_until(predicate, timeout=30):

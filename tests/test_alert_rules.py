@@ -9,14 +9,14 @@ promtool tests skip only where it is absent.
 
 import re
 import shutil
-import socket
 import subprocess
 import sys
-import urllib.request
 from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+
+from conftest import free_port, live_metrics
 
 ROOT = Path(__file__).parent.parent
 PROMETHEUS = ROOT / 'deploy' / 'prometheus'
@@ -162,16 +162,9 @@ def test_schema_rejects_a_misspelt_rule_field():
     assert list(jsonschema.Draft202012Validator(PROMETHEUS_RULE_SCHEMA).iter_errors(document))
 
 
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(('127.0.0.1', 0))
-        return sock.getsockname()[1]
-
 
 def scrape(port):
-    with urllib.request.urlopen(f'http://127.0.0.1:{port}/metrics', timeout=10) as response:
-        text = response.read().decode()
-    return {sample.name for family in text_string_to_metric_families(text)
+    return {sample.name for family in text_string_to_metric_families(live_metrics(port))
             for sample in family.samples}
 
 

@@ -4,14 +4,12 @@ mount serves on --metrics-addr, read from that mount, not from a list kept here.
 
 import json
 import re
-import socket
-import urllib.request
 from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import drop_page_cache
+from conftest import drop_page_cache, free_port, live_metrics
 
 DASHBOARD = Path(__file__).resolve().parent.parent / 'deploy' / 'grafana' / \
     'cachefs-dashboard.json'
@@ -88,18 +86,11 @@ def test_every_query_selects_the_chosen_mounts():
             assert 'instance=~"$instance"' in (match.group(2) or ''), (where, expr)
 
 
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(('127.0.0.1', 0))
-        return sock.getsockname()[1]
-
 
 def served_samples(port):
     """{sample name: [label dicts]} that the mount serves now."""
-    with urllib.request.urlopen(f'http://127.0.0.1:{port}/metrics', timeout=10) as response:
-        text = response.read().decode()
     served = {}
-    for family in text_string_to_metric_families(text):
+    for family in text_string_to_metric_families(live_metrics(port)):
         for sample in family.samples:
             served.setdefault(sample.name, []).append(sample.labels)
     return served

@@ -11,7 +11,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from cachefs.fuse.operations import LATENCY_BUCKETS, OpLatency
 from cachefs.metrics import _Collector, percentile
-from conftest import drop_page_cache, is_mounted, run_cachefs
+from conftest import drop_page_cache, free_port, is_mounted, live_metrics, run_cachefs
 
 BOUNDS = (0.001, 0.01, 0.1)
 
@@ -60,11 +60,6 @@ def test_a_failing_stats_callable_gives_an_empty_scrape_not_an_error():
         raise AttributeError('not serving yet')
     assert 'cachefs_' not in scrape(broken, {})
 
-
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(('127.0.0.1', 0))
-        return sock.getsockname()[1]
 
 
 @pytest.mark.fuse
@@ -135,8 +130,7 @@ def samples(text):
 
 
 def scrape_live(port):
-    with urllib.request.urlopen(f'http://127.0.0.1:{port}/metrics', timeout=10) as response:
-        return samples(response.read().decode())
+    return samples(live_metrics(port))
 
 
 def test_collector_exports_bytes_read_by_tier_and_the_ssd_tier_state():

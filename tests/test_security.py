@@ -9,7 +9,6 @@ umask).
 
 import errno
 import os
-import socket
 import stat
 import subprocess
 import sys
@@ -22,7 +21,7 @@ import pytest
 
 from cachefs import errors
 from cachefs.config import MOUNT_OPTIONS
-from conftest import (OSS_KEY_ID, OSS_SECRET, Mounted, Source, clean_env, is_mounted,
+from conftest import (OSS_KEY_ID, OSS_SECRET, Mounted, Source, clean_env, free_port, is_mounted,
                       pid_alive, run_cachefs, small_dataset, wait_for_disk_writes, write_tree)
 from support.faults import Always, ByName, FaultProxy, call_within
 from support.oss_server import OssServer
@@ -275,11 +274,6 @@ def test_cache_is_owned_by_the_daemon_user_and_private_even_under_umask_0(local_
 
 SECRET_MARK = 'Sekr1t-'
 
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.expected_log(r'ERROR cachefs\.cli: access denied to s3://\S+: listing s3://\S+: '
