@@ -50,9 +50,9 @@ def fuse_available():
 # it mounts (the `fuse` marker or a fixture that mounts): the tier says what a test needs.
 TIERS = {
     't0': ('bench_plots', 'block_cache', 'config', 'configfile', 'control', 'disk_format', 'docs',
-           'failure_modes_doc', 'import_shape', 'listing_integrity', 'log_check', 'log_escaping',
-           'memory_budget', 'metrics', 'namespace', 'operations', 'options', 'retired_nodes',
-           's3_sign', 'tiers'),
+           'failure_modes_doc', 'import_shape', 'listing_format', 'listing_integrity', 'log_check',
+           'log_escaping', 'memory_budget', 'metrics', 'namespace', 'operations', 'options',
+           'retired_nodes', 's3_sign', 'tiers'),
     't1': ('etag_checks', 'http_hostile', 'local_source_hardening', 'oss_server', 's3_get',
            's3_read_paths', 's3_trio'),
     't2': ('cache', 'cache_folder', 'credential_refresh', 'dashboard', 'errors', 'mount',

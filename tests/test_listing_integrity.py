@@ -1,11 +1,14 @@
 """The saved listing is checked before use: a flipped bit (in a key, a size or an ETag) or a
 hostile entry makes the remount list the store again and serve the right names and bytes; with
 the store down the mount then fails as a first mount would, never serving a garbled name or size.
+Hostile payloads of both formats that cachefs reads: the columns of format 3 (what it saves) and
+the records of format 2 (what it saved before, still read).
 """
 
 import io
 import math
 import os
+import struct
 import time
 
 import msgpack
@@ -13,8 +16,8 @@ import pytest
 import xxhash
 
 from cachefs import errors
-from cachefs.cache.listing import (FILE_NAME, FORMAT_VERSION, MAGIC, decode_listing,
-                                   encode_listing, load_listing)
+from cachefs.cache.listing import (FILE_NAME, FORMAT_2, FORMAT_VERSION, MAGIC, MAGIC_2,
+                                   decode_listing, encode_listing, load_listing)
 from cachefs.ufs.base import ObjectInfo
 from conftest import Mounted, assert_tree_matches, is_mounted, run_cachefs
 
@@ -22,16 +25,30 @@ SOURCE = 'oss://bucket/data'
 GOOD = [ObjectInfo('a/b.bin', 10, '"etag-1"', 1_700_000_000_000_000_000)]
 
 
-def saved_file(folder, fields):
+def saved_file(folder, fields, magic=MAGIC_2):
     """A listing file with a valid checksum around any payload: what a bug or a hostile writer
-    could leave, rather than what the disk garbles."""
+    could leave, rather than what the disk garbles. Format 2 unless told."""
     payload = fields if isinstance(fields, bytes) else msgpack.packb(fields, use_bin_type=True)
-    (folder / FILE_NAME).write_bytes(MAGIC + xxhash.xxh3_128_digest(payload) + payload)
+    (folder / FILE_NAME).write_bytes(magic + xxhash.xxh3_128_digest(payload) + payload)
 
 
 def fields_with(**changes):
-    fields = {'version': FORMAT_VERSION, 'source': SOURCE, 'listed_at': time.time() - 10,
+    """A format-2 payload: one [key, size, ETag, mtime_ns] record per object."""
+    fields = {'version': FORMAT_2, 'source': SOURCE, 'listed_at': time.time() - 10,
               'objects': [['a/b.bin', 10, '"etag-1"', 0]]}
+    fields.update(changes)
+    return fields
+
+
+def packed(*values, fmt='q'):
+    return struct.pack(f'<{len(values)}{fmt}', *values)
+
+
+def columns_with(**changes):
+    """A format-3 payload: columns of keys, ETags, sizes and mtimes (packed little-endian)."""
+    fields = {'version': FORMAT_VERSION, 'source': SOURCE, 'listed_at': time.time() - 10,
+              'keys': ['a/b.bin'], 'etags': ['"etag-1"'], 'sizes': packed(10),
+              'mtimes': packed(0)}
     fields.update(changes)
     return fields
 
@@ -61,7 +78,7 @@ HOSTILE = {
     'entry as a map': fields_with(objects=[{'a': 1, 'b': 2, 'c': 3, 'd': 4}]),
     'entry as text': fields_with(objects=['abcd']),
     'objects as a map': fields_with(objects={'a': 1}),
-    'no objects': {'version': FORMAT_VERSION, 'source': SOURCE, 'listed_at': 1.0},
+    'no objects': {'version': FORMAT_2, 'source': SOURCE, 'listed_at': 1.0},
     'listed_at as text': fields_with(listed_at='yesterday'),
     'listed_at NaN': fields_with(listed_at=math.nan),
     'listed_at infinite': fields_with(listed_at=math.inf),
@@ -77,6 +94,58 @@ def test_a_hostile_saved_listing_is_ignored_with_one_warning(tmp_path, fields, c
     assert load_listing(str(tmp_path), SOURCE) is None
     warnings = [r for r in caplog.records if r.levelname == 'WARNING']
     assert len(warnings) == 1 and 'listing the store again' in warnings[0].getMessage()
+
+
+HOSTILE_COLUMNS = {
+    'negative size': columns_with(sizes=packed(-1)),
+    'size with the top bit set (2**63 unsigned)': columns_with(sizes=packed(1 << 63, fmt='Q')),
+    'sizes as a list': columns_with(sizes=[10]),
+    'sizes as text': columns_with(sizes='\x0a' + '\0' * 7),
+    'sizes a byte short': columns_with(sizes=packed(10)[:7]),
+    'sizes for two objects': columns_with(sizes=packed(10, 10)),
+    'no sizes': {k: v for k, v in columns_with().items() if k != 'sizes'},
+    'mtimes a byte long': columns_with(mtimes=packed(0) + b'\0'),
+    'mtimes as a list': columns_with(mtimes=[0]),
+    'no mtimes': {k: v for k, v in columns_with().items() if k != 'mtimes'},
+    'key as bytes': columns_with(keys=[b'a/b.bin']),
+    'empty key': columns_with(keys=['']),
+    'empty key among good ones': columns_with(keys=['a', '', 'c'], etags=['e'] * 3,
+                                              sizes=packed(1, 2, 3), mtimes=packed(0, 0, 0)),
+    'key as a number': columns_with(keys=[7]),
+    'key as None': columns_with(keys=[None]),
+    'keys as a map': columns_with(keys={'a/b.bin': 1}),
+    'keys as text': columns_with(keys='a/b.bin'),
+    'no keys': {k: v for k, v in columns_with().items() if k != 'keys'},
+    'two keys for one size': columns_with(keys=['a', 'b']),
+    'etag as a list': columns_with(etags=[['x']]),
+    'etag as bytes': columns_with(etags=[b'x']),
+    'two etags for one key': columns_with(etags=['x', 'y']),
+    'no etags': {k: v for k, v in columns_with().items() if k != 'etags'},
+    'records of format 2 under the magic of format 3': fields_with(version=FORMAT_VERSION),
+    'listed_at as text': columns_with(listed_at='yesterday'),
+    'listed_at NaN': columns_with(listed_at=math.nan),
+    'listed_at infinite': columns_with(listed_at=math.inf),
+    'listed_at in the future': columns_with(listed_at=time.time() + 365 * 86400),
+    'no listed_at': {k: v for k, v in columns_with().items() if k != 'listed_at'},
+    'payload not a map': [1, 2, 3],
+    'nested 10000 deep': b'\x91' * 10000 + b'\x90',
+}
+
+
+@pytest.mark.parametrize('fields', HOSTILE_COLUMNS.values(), ids=HOSTILE_COLUMNS.keys())
+def test_a_hostile_saved_listing_of_columns_is_ignored_with_one_warning(tmp_path, fields,
+                                                                        caplog):
+    saved_file(tmp_path, fields, magic=MAGIC)
+    assert load_listing(str(tmp_path), SOURCE) is None
+    warnings = [r for r in caplog.records if r.levelname == 'WARNING']
+    assert len(warnings) == 1 and 'listing the store again' in warnings[0].getMessage()
+
+
+def test_the_good_payloads_of_the_hostile_cases_are_read(tmp_path):
+    """The hostile cases differ from a readable listing in their one change only."""
+    for fields, magic in ((fields_with(), MAGIC_2), (columns_with(), MAGIC)):
+        saved_file(tmp_path, fields, magic=magic)
+        assert load_listing(str(tmp_path), SOURCE)[1] == [ObjectInfo('a/b.bin', 10, '"etag-1"', 0)]
 
 
 @pytest.mark.parametrize('cut', [0, 5, len(MAGIC) + 3, len(MAGIC) + 16, -1])
@@ -101,12 +170,24 @@ def test_every_single_bit_flip_of_a_saved_listing_is_detected():
 # -- remounts with a garbled listing --
 
 def flip_field(path, key, field):
-    """Flip one bit in the middle of `field` ('key', 'size' or 'etag') of `key`'s entry, found in
-    the raw bytes: the entry is msgpack [key, size, ETag, mtime_ns]."""
+    """Flip one bit in the middle of `field` ('key', 'size' or 'etag') of `key`'s object, found in
+    the raw bytes: in format 3 the key, the ETag and the size (int64, little-endian) of object i
+    are item i of their columns; in format 2 the entry is msgpack [key, size, ETag, mtime_ns]."""
     data = bytearray(path.read_bytes())
     key_bytes = key.encode()
     assert data.count(key_bytes) == 1
     at = data.index(key_bytes)
+    if data.startswith(MAGIC):
+        fields = msgpack.unpackb(bytes(data[len(MAGIC) + 16:]), raw=False)
+        index = fields['keys'].index(key)
+        etag_bytes = fields['etags'][index].encode()
+        assert data.count(etag_bytes) == 1 and data.count(fields['sizes']) == 1
+        offset = {'key': at + len(key) // 2,
+                  'size': data.index(fields['sizes']) + 8 * index,    # the lowest byte
+                  'etag': data.index(etag_bytes) + len(etag_bytes) // 2}[field]
+        data[offset] ^= 0x01
+        path.write_bytes(bytes(data))
+        return
     size_at = at + len(key_bytes)
     objects = msgpack.Unpacker(io.BytesIO(bytes(data[size_at:])), raw=False)
     size, etag = next(objects), next(objects)

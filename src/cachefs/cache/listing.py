@@ -2,21 +2,35 @@
 
 One file per source folder, written atomically (temp file, fsync, rename), mode 0600:
 
-    magic 'CFSLST02' | xxh3-128 of the payload (16 bytes) | payload (msgpack)
+    magic 'CFSLST03' | xxh3-128 of the payload (16 bytes) | payload (msgpack)
 
-The payload holds the format version, the source, the time of the listing and one
-(key, size, ETag, mtime_ns) per object. A listing that fails its checksum or any check of its
-fields (types, sizes >= 0, a time not in the future), or that is of another format or source, is
-ignored with one warning and the store is listed again: it is a cache, never the truth. Without
-the checksum a flipped bit in a size would serve a truncated or padded file, and one in a key a
-file under a garbled name.
+The payload is a map of the format version, the source, the time of the listing and four
+columns of equal length, one item per object: 'keys' and 'etags' (arrays of text), 'sizes' and
+'mtimes' (little-endian int64, packed into one bin each). Columns, rather than one record per
+object, because a remount of 1.28 million objects must take seconds: msgpack decodes an array
+of strings and Python reads packed integers (array.frombytes) far faster than it decodes and
+checks 1.28 million small records, and every check is one pass over a column.
+
+A listing that fails its checksum or any check of its fields (types, columns of one length,
+non-empty keys, sizes >= 0 and < 2**63, a listing time not in the future), or that is of another
+format or source, is ignored with one warning and the store is listed again: it is a cache,
+never the truth. Without the checksum a flipped bit in a size would serve a truncated or padded
+file, and one in a key a file under a garbled name.
+
+Format 2 (magic 'CFSLST02', one [key, size, ETag, mtime_ns] record per object, as saved by
+cachefs before format 3) is still read, with the same checks, so that an upgrade does not list a
+large bucket again; the next listing saves format 3.
 """
 
+import contextlib
+import gc
 import logging
 import math
 import os
+import sys
 import time
 
+from array import array
 from typing import Any
 
 import msgpack
@@ -26,24 +40,67 @@ from ..ufs.base import ObjectInfo
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 FILE_NAME = 'listing.msgpack'
-MAGIC = b'CFSLST02'
+MAGIC = b'CFSLST03'
+FORMAT_2 = 2
+MAGIC_2 = b'CFSLST02'
 _DIGEST_SIZE = 16
 _MAX_INT = 1 << 63
 _CLOCK_SKEW = 300       # seconds a listing may seem to come from the future (clock steps)
+_SWAP = sys.byteorder != 'little'       # the packed columns are little-endian
 
 
 class BadListing(ValueError):
     """A saved listing that fails its checksum or the checks of its fields."""
 
 
+class Columns:
+    """A decoded, checked listing: one list per field, item i of each is object i."""
+
+    __slots__ = ('keys', 'sizes', 'etags', 'mtimes')
+
+    def __init__(self, keys: list[str], sizes: list[int], etags: list[str], mtimes: list[int]):
+        self.keys, self.sizes, self.etags, self.mtimes = keys, sizes, etags, mtimes
+
+    def __len__(self):
+        return len(self.keys)
+
+    def objects(self) -> list[ObjectInfo]:
+        # The collector would walk the growing list again and again (1.28 million objects:
+        # 1.4 s instead of 0.65 s), and these objects form no cycles.
+        with _collector_paused():
+            return list(map(ObjectInfo, self.keys, self.sizes, self.etags, self.mtimes))
+
+
+@contextlib.contextmanager
+def _collector_paused():
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def _packed(values):
+    column = array('q', values)      # raises OverflowError outside int64, as it should
+    if _SWAP:
+        column.byteswap()
+    return column.tobytes()
+
+
 def encode_listing(source, objects, listed_at):
+    objects = list(objects)
     fields = {
         'version': FORMAT_VERSION,
         'source': source,
         'listed_at': listed_at,
-        'objects': [(o.key, o.size, o.etag, o.mtime_ns) for o in objects],
+        'keys': [o.key for o in objects],
+        'etags': [o.etag for o in objects],
+        'sizes': _packed(o.size for o in objects),
+        'mtimes': _packed(o.mtime_ns for o in objects),
     }
     # Local file names need not be UTF-8: keep their bytes through surrogateescape.
     payload = msgpack.packb(fields, use_bin_type=True, unicode_errors='surrogateescape')
@@ -73,13 +130,9 @@ def _is_int(value, low=0):
     return type(value) is int and low <= value < _MAX_INT
 
 
-def decode_listing(data, source):
-    """(listed_at, [ObjectInfo]) from a saved file's bytes; None when it is of another format
-    version or source; raises BadListing when it fails a check."""
-    if data[:len(MAGIC)] != MAGIC:
-        return None                  # an older format (it had no magic), or not a listing
-    digest = data[len(MAGIC):len(MAGIC) + _DIGEST_SIZE]
-    payload = memoryview(data)[len(MAGIC) + _DIGEST_SIZE:]
+def _payload(data, magic):
+    digest = data[len(magic):len(magic) + _DIGEST_SIZE]
+    payload = memoryview(data)[len(magic) + _DIGEST_SIZE:]
     if len(digest) != _DIGEST_SIZE or xxhash.xxh3_128_digest(payload) != digest:
         raise BadListing('checksum mismatch')
     try:
@@ -89,27 +142,85 @@ def decode_listing(data, source):
         raise BadListing(f'undecodable ({exc})') from None
     if type(fields) is not dict:
         raise BadListing('not a map')
-    if fields.get('version') != FORMAT_VERSION or fields.get('source') != source:
-        return None
+    return fields
+
+
+def _listed_at(fields):
     listed_at: Any = fields.get('listed_at')
     if (type(listed_at) not in (int, float) or not math.isfinite(listed_at)
             or not 0 < listed_at < time.time() + _CLOCK_SKEW):
         raise BadListing(f'listing time {listed_at!r}')
+    return float(listed_at)
+
+
+def _texts(fields, name, count=None):
+    column = fields.get(name)
+    if type(column) is not list or (count is not None and len(column) != count):
+        raise BadListing(f'column {name!r} is not a list of one item per object')
+    if not set(map(type, column)) <= {str}:
+        raise BadListing(f'column {name!r} holds other items than text')
+    return column
+
+
+def _ints(fields, name, count):
+    column = fields.get(name)
+    if type(column) is not bytes or len(column) != 8 * count:
+        raise BadListing(f'column {name!r} is not {count} packed int64')
+    values = array('q')
+    values.frombytes(column)
+    if _SWAP:
+        values.byteswap()
+    return values
+
+
+def decode_columns(data, source):
+    """(listed_at, Columns) from a saved file's bytes (format 3 or 2); None when it is of another
+    format version or source; raises BadListing when it fails a check. Every field is checked:
+    a hostile or garbled listing must not reach the tree builder."""
+    if data[:len(MAGIC_2)] == MAGIC_2:
+        return _decode_format_2(data, source)
+    if data[:len(MAGIC)] != MAGIC:
+        return None                  # an older format (it had no magic), or not a listing
+    fields = _payload(data, MAGIC)
+    if fields.get('version') != FORMAT_VERSION or fields.get('source') != source:
+        return None
+    listed_at = _listed_at(fields)
+    keys = _texts(fields, 'keys')
+    if '' in keys:
+        raise BadListing('an empty key')
+    etags = _texts(fields, 'etags', len(keys))
+    sizes = _ints(fields, 'sizes', len(keys))
+    if sizes and min(sizes) < 0:     # < 2**63 holds for any int64
+        raise BadListing(f'a negative size ({min(sizes)})')
+    mtimes = _ints(fields, 'mtimes', len(keys))     # any int64 is a time
+    return listed_at, Columns(keys, sizes.tolist(), etags, mtimes.tolist())
+
+
+def _decode_format_2(data, source):
+    fields = _payload(data, MAGIC_2)
+    if fields.get('version') != FORMAT_2 or fields.get('source') != source:
+        return None
+    listed_at = _listed_at(fields)
     entries = fields.get('objects')
     if type(entries) is not list:
         raise BadListing('no object list')
-    objects: list[ObjectInfo] = []
-    append = objects.append
     for entry in entries:
-        # everything is checked: a hostile or garbled entry must not reach the tree builder
         if type(entry) is not list or len(entry) != 4:
             raise BadListing('an object entry is not a 4-item list')
         key, size, etag, mtime_ns = entry
         if type(key) is not str or not key or type(etag) is not str or not _is_int(size) \
                 or not _is_int(mtime_ns, -_MAX_INT):
             raise BadListing(f'object entry {entry!r:.200}')
-        append(ObjectInfo(key, size, etag, mtime_ns))
-    return float(listed_at), objects
+    keys, sizes, etags, mtimes = (list(column) for column in zip(*entries)) if entries \
+        else ([], [], [], [])
+    return listed_at, Columns(keys, sizes, etags, mtimes)
+
+
+def decode_listing(data, source):
+    """(listed_at, [ObjectInfo]) from a saved file's bytes; None when it is of another format
+    version or source; raises BadListing when it fails a check."""
+    saved = decode_columns(data, source)
+    return None if saved is None else (saved[0], saved[1].objects())
 
 
 def load_listing(folder, source):
@@ -125,10 +236,12 @@ def load_listing(folder, source):
                     exc.strerror)
         return None
     try:
-        saved = decode_listing(data, source)
+        saved = decode_columns(data, source)
     except BadListing as exc:
         log.warning('ignoring corrupt saved listing %s (%s); listing the store again', path, exc)
         return None
     if saved is None:
         log.info('ignoring saved listing %s: other format version or source', path)
-    return saved
+        return None
+    del data                         # 100 MiB at 1.28 million objects: not kept at the peak
+    return saved[0], saved[1].objects()
