@@ -173,6 +173,7 @@ def test_a_listing_answer_it_does_not_know_continues_through_the_sdk(seaweed, s3
     """The first page comes the lean way, the second answer is a redirect: the listing goes on
     from the same page through list_objects_v2, complete and without a duplicate."""
     store = open_store(seaweed)
+    store.list_fan_out = 1      # one stream of pages (test_parallel_listing: the fan-out)
     expected = [o.key for o in store.list_objects()]
     sdk_listings = count_sdk_listings(store)
     lister = store._lister

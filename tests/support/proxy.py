@@ -31,9 +31,19 @@ class _Handler(BaseHTTPRequestHandler):
         length = int(self.headers.get('Content-Length') or 0)
         body = self.rfile.read(length) if length else None
         proxy.record(self.command, parsed.path, parsed.query, self.headers)
+        self._in_flight = True
         if proxy.fault is not None and proxy.fault(self, body):
             return None
         return parsed, body
+
+    def handle_one_request(self):
+        # A request is in flight from its recording until its answer is written.
+        self._in_flight = False
+        try:
+            super().handle_one_request()
+        finally:
+            if self._in_flight:
+                self.server.proxy.answered()
 
     def _forward(self):
         proxy = self.server.proxy
@@ -70,6 +80,8 @@ class CountingProxy:
         self._lock = threading.Lock()
         self._local = threading.local()
         self.requests = []
+        self.in_flight = 0
+        self.max_in_flight = 0          # high-water mark of requests in flight, since reset()
         self._server = ThreadingHTTPServer(('127.0.0.1', 0), _Handler)
         self._server.daemon_threads = True
         self._server.proxy = self
@@ -82,6 +94,12 @@ class CountingProxy:
     def record(self, method, path, query, headers):
         with self._lock:
             self.requests.append((method, urllib.parse.unquote(path), query))
+            self.in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self.in_flight)
+
+    def answered(self):
+        with self._lock:
+            self.in_flight -= 1
 
     def count(self, method=None):
         with self._lock:
@@ -90,6 +108,7 @@ class CountingProxy:
     def reset(self):
         with self._lock:
             self.requests.clear()
+            self.max_in_flight = self.in_flight
 
     def upstream_connection(self):
         connection = getattr(self._local, 'connection', None)

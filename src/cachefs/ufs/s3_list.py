@@ -11,6 +11,8 @@ minutes. Same conventions as `s3_get`: botocore's URL, credentials, signature an
 
 Keys are asked for with `encoding-type=url` and decoded with `unquote_plus`, as botocore does, so
 a key with characters XML 1.0 cannot carry still lists, and both paths give the same strings.
+The common prefixes of a page asked for with a delimiter (`S3Store`'s parallel listing) are
+decoded the same way.
 """
 
 import datetime
@@ -23,9 +25,11 @@ from .errors import TransientError
 from .s3_get import HANDLED, LeanRequests, UseSdk
 
 
-def _query(prefix, token, page_keys):
+def _query(prefix, token, page_keys, delimiter=None):
     """The query string, its parameters sorted and encoded as SigV4's canonical form wants."""
     params = {'encoding-type': 'url', 'list-type': '2', 'prefix': prefix}
+    if delimiter is not None:
+        params['delimiter'] = delimiter
     if token is not None:
         params['continuation-token'] = token
     if page_keys is not None:
@@ -44,6 +48,12 @@ def _mtime_ns(text):
 
 def parse_page(body):
     """([(key, size, etag, mtime_ns)], next continuation token or None) of one page."""
+    objects, _, token = parse_listing(body)
+    return objects, token
+
+
+def parse_listing(body):
+    """([(key, size, etag, mtime_ns)], [common prefix], next continuation token or None)."""
     root = ElementTree.fromstring(body)
     # S3 answers in its XML namespace, some stores in none: compare full tags, built once.
     namespace = root.tag[:root.tag.index('}') + 1] if root.tag.startswith('{') else ''
@@ -54,13 +64,16 @@ def parse_page(body):
         fields = {child.tag: child.text or '' for child in element}
         objects.append((fields[key], int(fields[size]), fields[etag].strip('"'),
                         _mtime_ns(fields[modified])))
+    prefixes = [element.findtext(namespace + 'Prefix') or ''
+                for element in root.iter(namespace + 'CommonPrefixes')]
     if (root.findtext(namespace + 'EncodingType') or '').strip() == 'url':
         objects = [(unquote_plus(name), *rest) for name, *rest in objects]
+        prefixes = [unquote_plus(prefix) for prefix in prefixes]
     truncated = (root.findtext(namespace + 'IsTruncated') or '').strip().lower() == 'true'
     token = root.findtext(namespace + 'NextContinuationToken')
     if truncated and not token:
         raise TransientError('a truncated listing page without a continuation token')
-    return objects, token if truncated else None
+    return objects, prefixes, token if truncated else None
 
 
 class Lister(LeanRequests):
@@ -76,12 +89,19 @@ class Lister(LeanRequests):
         self._bucket_url = urlunsplit((parts.scheme, parts.netloc, path, '', ''))
 
     def page(self, prefix, token=None):
-        """The objects of one page under `prefix`, and the token of the next page or None.
+        """The objects of one page under `prefix`, and the token of the next page or None."""
+        objects, _, token = self.listing_page(prefix, token)
+        return objects, token
+
+    def listing_page(self, prefix, token=None, delimiter=None):
+        """(objects, common prefixes, next page's token or None) of one page under `prefix`;
+        the common prefixes are those of `delimiter` (none without one).
 
         Raises `StoreError` subclasses for the store's answers and `UseSdk` for what this path
         does not handle; connection errors come up as botocore/urllib3 exceptions.
         """
-        response = self._send(f'{self._bucket_url}?{_query(prefix, token, self.page_keys)}', {})
+        query = _query(prefix, token, self.page_keys, delimiter)
+        response = self._send(f'{self._bucket_url}?{query}', {})
         body = response.raw
         try:
             status = response.status_code
@@ -93,6 +113,6 @@ class Lister(LeanRequests):
         finally:
             body.release_conn()
         try:
-            return parse_page(content)
+            return parse_listing(content)
         except (ElementTree.ParseError, KeyError, ValueError) as exc:
             raise UseSdk(f'a listing page this parser does not understand ({exc})') from None
