@@ -142,15 +142,14 @@ class Operations(pyfuse3.Operations):
     def replace_tree(self, tree: Tree) -> None:
         """Serve `tree` from now on; inodes it no longer has stay answerable until forgotten."""
         old = self.tree
-        for inode, node in old.nodes.items():
-            if inode not in tree.nodes and self._in_use(inode):
+        # only the inodes the kernel holds or that are open: the tree makes nodes on demand
+        for inode in [*self._lookups, *self._open_counts]:
+            node = old.get(inode)
+            if node is not None and inode not in tree.nodes:
                 self._retired[inode] = node
         for inode in [inode for inode in self._retired if inode in tree.nodes]:
             del self._retired[inode]          # back in the tree (the same key and version)
         self.tree = tree
-
-    def _in_use(self, inode: int) -> bool:
-        return inode in self._lookups or inode in self._open_counts
 
     def _entry(self, node: Node) -> pyfuse3.EntryAttributes:
         """The attributes of `node` for a reply that gives the kernel a reference to it."""
@@ -227,7 +226,7 @@ class Operations(pyfuse3.Operations):
         for index in range(start_id, len(names)):
             name = names[index]
             # READDIRPLUS: an entry the kernel takes is a reference, as a lookup is.
-            node = children[name]
+            node = children.at(index)
             if not pyfuse3.readdir_reply(token, name, self._attributes(node), index + 1):
                 return
             self._lookups[node.inode] = self._lookups.get(node.inode, 0) + 1
