@@ -231,9 +231,10 @@ def to_json(result):
     return json.dumps(data, indent=2, default=str)
 
 
-SECTIONS = ('scenarios', 'block-size-sweep', 'get-cost', 'analysis')
+SECTIONS = ('scenarios', 'block-size-sweep', 'get-cost', 'analysis', 'namespace')
 _TITLE = {'scenarios': 'Scenarios', 'block-size-sweep': 'Block-size sweep',
-          'get-cost': 'Cost of one store GET', 'analysis': 'Where the time goes (profiles)'}
+          'get-cost': 'Cost of one store GET', 'analysis': 'Where the time goes (profiles)',
+          'namespace': 'Namespace at ImageNet scale (in-process)'}
 
 
 PLOTS_BEGIN, PLOTS_END = '<!-- plots:begin -->', '<!-- plots:end -->'
