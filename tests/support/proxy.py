@@ -43,7 +43,7 @@ class _Handler(BaseHTTPRequestHandler):
             super().handle_one_request()
         finally:
             if self._in_flight:
-                self.server.proxy.answered()
+                self.server.proxy.request_done()
 
     def _forward(self):
         proxy = self.server.proxy
@@ -97,7 +97,7 @@ class CountingProxy:
             self.in_flight += 1
             self.max_in_flight = max(self.max_in_flight, self.in_flight)
 
-    def answered(self):
+    def request_done(self):
         with self._lock:
             self.in_flight -= 1
 
