@@ -27,7 +27,8 @@ def peak_mib():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def synthetic(count, folders):
+def synthetic(count, folders, etag_format='"%032x"'):
+    """`count` ImageNet-like ObjectInfo in `folders` class folders (also bench/tree_cost.py's)."""
     from cachefs.ufs.base import ObjectInfo
     per = -(-count // folders)
     objects = []
@@ -35,7 +36,7 @@ def synthetic(count, folders):
         c, j = divmod(i, per)
         name = f'n{c:08d}'
         objects.append(ObjectInfo(f'{name}/{name}_{j}.JPEG', 100_000 + (i * 7919) % 20_000,
-                                  '"%032x"' % (i * 2654435761 % (1 << 128)),
+                                  etag_format % (i * 2654435761 % (1 << 128)),
                                   1_700_000_000_000_000_000 + i * 1_000_003))
     return objects
 

@@ -30,16 +30,9 @@ def rss_bytes():
 
 
 def synthetic(count, folders):
-    from cachefs.ufs.base import ObjectInfo
-    per = -(-count // folders)
-    objects = []
-    for i in range(count):
-        c, j = divmod(i, per)
-        name = f'n{c:08d}'
-        objects.append(ObjectInfo(f'{name}/{name}_{j}.JPEG', 100_000 + (i * 7919) % 20_000,
-                                  '%032x' % (i * 2654435761 % (1 << 128)),
-                                  1_700_000_000_000_000_000 + i * 1_000_003))
-    return objects
+    # the listing of bench/listing_cost.py, with ETags as S3 lists them (no quotes)
+    from listing_cost import synthetic as listing
+    return listing(count, folders, etag_format='%032x')
 
 
 class _Cache:
