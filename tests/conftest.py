@@ -358,6 +358,19 @@ def live_metrics(port):
         return response.read().decode()
 
 
+def assert_every_bit_flip_is_refused(data, decode):
+    """`decode` of `data` with any one bit flipped gives None or raises ValueError (a saved
+    file's checks refuse it), never a result."""
+    for offset in range(len(data)):
+        for bit in range(8):
+            garbled = bytearray(data)
+            garbled[offset] ^= 1 << bit
+            try:
+                assert decode(bytes(garbled)) is None, (offset, bit)
+            except ValueError:
+                pass
+
+
 def wait_until(predicate, timeout=30):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -15,6 +15,7 @@ from cachefs.cache.listing import (FILE_NAME, FORMAT_2, MAGIC, MAGIC_2, decode_l
                                    encode_listing, load_listing, save_listing)
 from cachefs.demo.dataset import edge_case_layout
 from cachefs.ufs.base import ObjectInfo
+from conftest import assert_every_bit_flip_is_refused
 
 SOURCE = 's3://bucket/data'
 INT64 = st.integers(-(1 << 63), (1 << 63) - 1)
@@ -69,14 +70,7 @@ def test_a_listing_of_another_source_is_not_used(tmp_path):
 def test_every_single_bit_flip_of_a_listing_of_columns_is_detected():
     data = encode_listing(SOURCE, edge_case_listing()[-4:], 1234.5)
     assert data.startswith(MAGIC)
-    for offset in range(len(data)):
-        for bit in range(8):
-            garbled = bytearray(data)
-            garbled[offset] ^= 1 << bit
-            try:
-                assert decode_listing(bytes(garbled), SOURCE) is None, (offset, bit)
-            except ValueError:
-                pass
+    assert_every_bit_flip_is_refused(data, lambda garbled: decode_listing(garbled, SOURCE))
 
 
 def test_a_format_2_listing_is_still_read(tmp_path):
@@ -97,14 +91,7 @@ def test_an_empty_format_2_listing_is_read_empty(tmp_path):
 
 def test_every_single_bit_flip_of_a_format_2_listing_is_detected():
     data = format_2_file(edge_case_listing()[-4:], 1234.5)
-    for offset in range(len(data)):
-        for bit in range(8):
-            garbled = bytearray(data)
-            garbled[offset] ^= 1 << bit
-            try:
-                assert decode_listing(bytes(garbled), SOURCE) is None, (offset, bit)
-            except ValueError:
-                pass
+    assert_every_bit_flip_is_refused(data, lambda garbled: decode_listing(garbled, SOURCE))
 
 
 def test_the_next_save_after_a_format_2_listing_writes_columns(tmp_path):

@@ -19,7 +19,8 @@ from cachefs import errors
 from cachefs.cache.listing import (FILE_NAME, FORMAT_2, FORMAT_VERSION, MAGIC, MAGIC_2,
                                    decode_listing, encode_listing, load_listing)
 from cachefs.ufs.base import ObjectInfo
-from conftest import Mounted, assert_tree_matches, is_mounted, run_cachefs
+from conftest import (Mounted, assert_every_bit_flip_is_refused, assert_tree_matches,
+                      is_mounted, run_cachefs)
 
 SOURCE = 'oss://bucket/data'
 GOOD = [ObjectInfo('a/b.bin', 10, '"etag-1"', 1_700_000_000_000_000_000)]
@@ -157,14 +158,7 @@ def test_a_truncated_saved_listing_is_ignored(tmp_path, cut):
 
 def test_every_single_bit_flip_of_a_saved_listing_is_detected():
     data = encode_listing(SOURCE, GOOD * 3, 1234.5)
-    for offset in range(len(data)):
-        for bit in range(8):
-            garbled = bytearray(data)
-            garbled[offset] ^= 1 << bit
-            try:
-                assert decode_listing(bytes(garbled), SOURCE) is None, (offset, bit)
-            except ValueError:
-                pass
+    assert_every_bit_flip_is_refused(data, lambda garbled: decode_listing(garbled, SOURCE))
 
 
 # -- remounts with a garbled listing --
