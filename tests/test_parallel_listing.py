@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from cachefs.ufs.errors import TransientError
+from cachefs.ufs.errors import StoreError, TransientError
 from cachefs.ufs.s3 import S3Store
 
 from conftest import S3_BUCKET
@@ -227,5 +227,31 @@ def test_a_key_beside_a_folder_of_its_name_lists_in_key_order_in_parallel(seawee
             assert [o.key for o in sequential] == sorted(k[2:] for k in keys)
             store.list_fan_out = 4
             assert list(store.list_objects()) == sequential
+    finally:
+        store.close()
+
+
+class ForgedFolders(FakeS3):
+    """A store whose first-level answer names `forged` among the folders of the prefix."""
+
+    def __init__(self, keys, forged):
+        super().__init__(keys, 1000)
+        self.forged = forged
+
+    def __call__(self, prefix, token, delimiter):
+        objects, prefixes, token = super().__call__(prefix, token, delimiter)
+        return objects, prefixes + self.forged if delimiter else prefixes, token
+
+
+@pytest.mark.parametrize('forged', [['other/'], ['p/'], ['p/a'], ['p/a/']],
+                         ids=['outside the prefix', 'the prefix', 'no slash', 'named twice'])
+def test_a_folder_the_store_names_outside_the_prefix_or_twice_fails_the_listing(
+        seaweed, s3_env, forged):
+    keys = ['p/a/1', 'p/a/2', 'p/b/1', 'other/secret']
+    store = open_store(seaweed.endpoint, 'p/', 4)
+    try:
+        store._list_page = ForgedFolders(keys, forged)
+        with pytest.raises(StoreError, match='folder'):
+            list(store.list_objects())
     finally:
         store.close()

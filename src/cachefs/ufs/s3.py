@@ -190,6 +190,16 @@ class S3Store(Store):
                 break
         if not folders:
             return contents
+        # The folders come from the store's answer: each is listed on its own, and its keys are
+        # spliced in by its name, so one outside the prefix, the prefix itself or a folder named
+        # twice would list keys of another prefix, or the same keys twice.
+        for folder in folders:
+            if not (folder.startswith(self.prefix) and folder.endswith('/')
+                    and len(folder) > len(self.prefix)):
+                raise StoreError(f'listing {self.source}: the store named {folder!r} as a '
+                                 'folder of the prefix')
+        if len(set(folders)) != len(folders):
+            raise StoreError(f'listing {self.source}: the store named a folder twice')
         stop = threading.Event()
         listings: dict[str, list[Any]] = {}
         pool = ThreadPoolExecutor(min(fan_out, len(folders)), thread_name_prefix='cachefs-list')
