@@ -39,6 +39,7 @@ import trio
 from botocore.auth import _host_from_url
 from botocore.httpsession import get_cert_path
 
+from .block_buffers import new_block_buffer
 from .errors import EndpointUnreachable, StoreError, TransientError
 from .s3_get import (ERROR_BODY_SECONDS, HANDLED, MAX_ERROR_BODY, LeanRequests, UseSdk,
                      check_ranged_answer, content_length, range_headers)
@@ -220,7 +221,7 @@ class TrioGetter(LeanRequests):
                                        offset, length)
             if size is None:
                 raise UseSdk('a success answer without a Content-Length')
-            data = bytearray(length)
+            data = new_block_buffer(length)
             view = memoryview(data)
             received = 0
             while received < length:
