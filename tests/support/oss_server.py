@@ -653,6 +653,9 @@ class _Handler(BaseHTTPRequestHandler):
     # -- connection bookkeeping ---------------------------------------------
 
     def setup(self):
+        # A server that closes idle keep-alive connections (as OSS and load balancers do):
+        # the socket timeout ends the wait for the next request, and the connection closes.
+        self.timeout = self.server.oss.idle_timeout
         super().setup()
         # Headers and body go out in separate writes; without NODELAY, Nagle
         # plus the client's delayed ACK adds ~40 ms to every small response.
@@ -852,14 +855,17 @@ class OssServer:
         "bucket.<domain>" addresses a bucket.  IPs and localhost always work.
     :param crc64: send x-oss-hash-crc64ecma; None means "if crcmod's C
         extension is importable".
+    :param idle_timeout: seconds a connection may wait for its next request
+        before the server closes it (None: no limit).
     """
 
     owner_id = '1000000000000000'
     owner_name = 'cachefs-test'
 
     def __init__(self, root_dir, credentials, port=0, sts_credentials=(),
-                 location='oss-cn-hangzhou', domain=None, crc64=None):
+                 location='oss-cn-hangzhou', domain=None, crc64=None, idle_timeout=None):
         self.storage = Storage(root_dir)
+        self.idle_timeout = idle_timeout
         self.credentials = dict(credentials)
         self.sts_credentials = {key: (secret, token) for key, secret, token in sts_credentials}
         self.location = location

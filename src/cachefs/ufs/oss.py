@@ -1,5 +1,10 @@
 """Aliyun OSS through oss2, with OSS's own signatures (not its S3-compatible API).
 
+Object reads take the lean path on the trio thread (`oss_trio`, signed by `oss_sign`) where
+cachefs signs exactly as oss2 does and no proxy is in the way; else, and for any answer that
+path does not handle (for a while after it, `s3_detour`), oss2's `get_object` in a worker
+thread. Listings, stat and the access check are oss2's.
+
 Credentials come from OSS_ACCESS_KEY_ID / OSS_ACCESS_KEY_SECRET and, for STS, OSS_SESSION_TOKEN.
 The endpoint is required (`--endpoint-url oss-cn-hangzhou.aliyuncs.com`, https is assumed when
 no scheme is given). oss2's own retries are off: `async_store` owns the retry policy.
@@ -17,17 +22,14 @@ import requests.exceptions
 
 from . import etags
 from .base import ObjectInfo, Store
-from .errors import (AccessDenied, BucketNotFound, CredentialsMissing, EndpointUnreachable,
-                     ObjectChanged, ObjectNotFound, StoreError, TransientError)
-from .s3_get import check_ranged_answer, header_values
+from .errors import CredentialsMissing, EndpointUnreachable, StoreError, TransientError
+from .oss_errors import classify
+from .oss_sign import OssSigner
+from .oss_trio import OssTrioGetter
+from .s3_detour import Detour
+from .s3_get import UseSdk, check_ranged_answer, header_values
 
 log = logging.getLogger(__name__)
-
-_DENIED = {'AccessDenied', 'InvalidAccessKeyId', 'SignatureDoesNotMatch', 'SecurityTokenExpired',
-           'InvalidSecurityToken', 'UserDisable'}
-_TRANSIENT = {'RequestTimeTooSkewed', 'RequestTimeout', 'InternalError', 'ServiceUnavailable',
-              'Throttling', 'QpsLimitExceeded', 'TooManyRequests'}
-
 
 def translate(exc: BaseException, what: str) -> StoreError:
     """Map an oss2 exception to a `StoreError`; secrets never reach the message."""
@@ -39,19 +41,8 @@ def translate(exc: BaseException, what: str) -> StoreError:
             return EndpointUnreachable(f'{what}: cannot connect to the endpoint')
         return TransientError(f'{what}: {type(cause).__name__}')
     if isinstance(exc, oss2.exceptions.OssError):
-        code, status = exc.code, exc.status
-        message = f'{what}: {code or status} {exc.message or ""}'.rstrip()
-        if code == 'NoSuchBucket':
-            return BucketNotFound(message)
-        if code == 'NoSuchKey' or status == 404:
-            return ObjectNotFound(message)
-        if code in _DENIED or status in (401, 403):
-            return AccessDenied(message)
-        if code == 'PreconditionFailed' or status == 412:
-            return ObjectChanged(message)
-        if code in _TRANSIENT or status >= 500 or status == 429 or status < 0:
-            return TransientError(message)
-        return StoreError(message)
+        message = f'{what}: {exc.code or exc.status} {exc.message or ""}'.rstrip()
+        return classify(exc.code or '', exc.status, message)
     return TransientError(f'{what}: {type(exc).__name__}: {exc}')
 
 
@@ -79,6 +70,21 @@ class OssStore(Store):
         self.bucket = oss2.Bucket(auth, endpoint_url, bucket, connect_timeout=request_timeout,
                                   enable_crc=False, app_name='cachefs', is_path_style=path_style)
         self.source = f'oss://{bucket}/{prefix}'.rstrip('/')
+        # After an answer the trio path does not handle, reads go through oss2 for a while.
+        self._threaded_reads = Detour('object reads', 'the trio path', 'oss2')
+        self._trio_getter: OssTrioGetter | None = None
+        signer = OssSigner.matching(auth, bucket, key_id, secret, token)
+        why_not = OssTrioGetter.usable_with(self.bucket)
+        if signer is None:
+            log.info('object reads go through oss2 (its signature differs from cachefs\'s for '
+                     'a probe request)')
+        elif why_not is not None:
+            log.info('object reads go through oss2: %s', why_not)
+        else:
+            try:
+                self._trio_getter = OssTrioGetter(self.bucket, signer)
+            except UseSdk as exc:
+                log.info('object reads go through oss2: %s', exc)
 
     def list_objects(self) -> Iterator[ObjectInfo]:
         start = len(self.prefix)
@@ -90,8 +96,35 @@ class OssStore(Store):
         except _SDK_ERRORS as exc:
             raise translate(exc, f'listing {self.source}') from None
 
+    def _reading(self, key: str) -> str:
+        return f'reading {self.bucket_name}/{self.prefix}{key}'
+
+    def read_paths(self) -> tuple[str, ...]:
+        """The ways this store can read an object, by name: 'oss2' (`read`, always) and
+        'trio' (`oss_trio`, `read_async`) where the signature and endpoint allow it. For
+        measuring one against the other (bench/oss_cost.py)."""
+        return ('oss2', 'trio') if self._trio_getter is not None else ('oss2',)
+
+    async def read_async(self, key: str, etag: str, offset: int,
+                         length: int) -> bytearray | None:
+        """`read` on the trio thread (`oss_trio`); None when this read must go through oss2
+        in a worker thread instead (no trio path, or an answer it does not handle)."""
+        getter = self._trio_getter
+        if getter is None or self._threaded_reads.active():
+            return None
+        try:
+            data = await getter.get(self.prefix + key, etag, offset, length)
+            self._threaded_reads.succeeded()
+            return data
+        except StoreError as exc:
+            raise type(exc)(f'{self._reading(key)}: {exc}') from None
+        except UseSdk as exc:
+            self._threaded_reads.refused(self._reading(key), exc)
+            return None
+
     def read(self, key: str, etag: str, offset: int, length: int) -> bytes:
-        what = f'reading {self.bucket_name}/{self.prefix}{key}'
+        """`length` bytes of `key` at `offset`, of the version `etag`, through oss2."""
+        what = self._reading(key)
         result: Any = None
         try:
             # 'standard' makes an unsatisfiable range an error instead of a silent whole-object

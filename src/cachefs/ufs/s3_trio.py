@@ -155,39 +155,46 @@ def _keep_alive(version, headers):
     return 'close' not in tokens and (version == 1 or 'keep-alive' in tokens)
 
 
-class TrioGetter(LeanRequests):
-    """Signed ranged GETs of object versions over pooled trio connections."""
+class PooledGetter:
+    """Ranged GETs of object versions over pooled trio connections, for any store whose
+    object GET is one signed HTTP/1.1 request (S3 here, OSS in `oss_trio`). A subclass calls
+    `_open_pool` and gives `_signed(key, headers)` (the request's bytes), `_error(status, body)`
+    (raises the `StoreError` of an error answer) and, where its store needs more headers than
+    `s3_get.range_headers`, `_range_headers`."""
 
-    def __init__(self, client, bucket, credentials, http_session):
-        super().__init__(client, bucket, credentials, http_session)
-        url = urlsplit(self._prefix)
+    def _open_pool(self, url_prefix, ssl_context):
+        """Connect to the host of `url_prefix`; `ssl_context` (None: the default one) is used
+        for https."""
+        url = urlsplit(url_prefix)
         self._host = url.hostname
         self._port = url.port or (443 if url.scheme == 'https' else 80)
-        self._ssl = self._ssl_context(http_session) if url.scheme == 'https' else None
-        # lower-case, without the scheme's default port, IPv6 in brackets: as SigV4 signs it
-        self._host_header = _host_from_url(self._prefix)
+        self._ssl = None
+        if url.scheme == 'https':
+            self._ssl = ssl_context or ssl.create_default_context()
         self._idle = []
 
-    @staticmethod
-    def _ssl_context(http_session):
-        verify = getattr(http_session, '_verify', True)
-        context = ssl.create_default_context(cafile=get_cert_path(verify) if verify else None)
-        if verify is False:           # the client was made with verify=False (--no-verify-ssl)
-            context.check_hostname = False
-            context.verify_mode = ssl.CERT_NONE
-        return context
+    def _range_headers(self, etag, offset, length):
+        return range_headers(etag, offset, length)
+
+    def _signed(self, key, headers):
+        raise NotImplementedError
+
+    def _error(self, status, body):
+        raise NotImplementedError
 
     @staticmethod
-    def usable_with(http_session, url):
-        """Why this path cannot replace `http_session` for `url`, or None when it can."""
-        proxies = getattr(http_session, '_proxy_config', None)
-        if proxies is None or not hasattr(http_session, '_verify'):
-            return 'this botocore keeps its proxy and TLS settings elsewhere'
-        if proxies.proxy_url_for(url):
-            return 'requests go through a proxy'
-        if getattr(http_session, '_client_cert', None):
-            return 'the client sends a TLS client certificate'
-        return None
+    def _request_bytes(target, host_header, headers):
+        """A GET's bytes: request line, Host, `headers` (but Host), identity encoding; a
+        header value with a control character is refused before anything is sent."""
+        lines = [f'GET {target} HTTP/1.1', f'Host: {host_header}']
+        lines += [f'{name}: {value}' for name, value in headers.items()
+                  if name.lower() != 'host']
+        lines.append('Accept-Encoding: identity')
+        for line in lines[1:]:
+            if not _REQUEST_VALUE.fullmatch(line):
+                raise StoreError(f'refusing to send a header with a control character: '
+                                 f'{line[:80]!r}')
+        return ('\r\n'.join(lines) + '\r\n\r\n').encode('latin-1')
 
     async def get(self, key, etag, offset, length):
         """Exactly `length` bytes of `key` from `offset`, only if its ETag is still `etag`.
@@ -195,7 +202,7 @@ class TrioGetter(LeanRequests):
         Raises `StoreError` subclasses for the store's answers and broken connections, and
         `UseSdk` for what this path does not handle.
         """
-        request = self._signed(key, range_headers(etag, offset, length))
+        request = self._signed(key, self._range_headers(etag, offset, length))
         connection, reused = await self._connection()
         keep = False
         try:
@@ -239,19 +246,6 @@ class TrioGetter(LeanRequests):
                 self._idle.append(connection)
             else:
                 connection.close()
-
-    def _signed(self, key, headers):
-        """The request's bytes: request line, Host as SigV4 signs it, the signed headers."""
-        url = self._url(key)
-        lines = [f'GET {urlsplit(url).path} HTTP/1.1', f'Host: {self._host_header}']
-        lines += [f'{name}: {value}' for name, value in self._signed_headers(url, headers).items()
-                  if name.lower() != 'host']
-        lines.append('Accept-Encoding: identity')
-        for line in lines[1:]:
-            if not _REQUEST_VALUE.fullmatch(line):
-                raise StoreError(f'refusing to send a header with a control character: '
-                                 f'{line[:80]!r}')
-        return ('\r\n'.join(lines) + '\r\n\r\n').encode('latin-1')
 
     async def _connection(self, new=False):
         """(connection, reused): an idle pooled connection, else a new one."""
@@ -316,3 +310,41 @@ class TrioGetter(LeanRequests):
                 except TransientError:
                     break
         return bytes(body[:MAX_ERROR_BODY])
+
+
+class TrioGetter(LeanRequests, PooledGetter):
+    """Signed ranged GETs of S3 object versions over pooled trio connections."""
+
+    def __init__(self, client, bucket, credentials, http_session):
+        super().__init__(client, bucket, credentials, http_session)
+        https = urlsplit(self._prefix).scheme == 'https'
+        self._open_pool(self._prefix, self._ssl_context(http_session) if https else None)
+        # lower-case, without the scheme's default port, IPv6 in brackets: as SigV4 signs it
+        self._host_header = _host_from_url(self._prefix)
+
+    @staticmethod
+    def _ssl_context(http_session):
+        verify = getattr(http_session, '_verify', True)
+        context = ssl.create_default_context(cafile=get_cert_path(verify) if verify else None)
+        if verify is False:           # the client was made with verify=False (--no-verify-ssl)
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+        return context
+
+    @staticmethod
+    def usable_with(http_session, url):
+        """Why this path cannot replace `http_session` for `url`, or None when it can."""
+        proxies = getattr(http_session, '_proxy_config', None)
+        if proxies is None or not hasattr(http_session, '_verify'):
+            return 'this botocore keeps its proxy and TLS settings elsewhere'
+        if proxies.proxy_url_for(url):
+            return 'requests go through a proxy'
+        if getattr(http_session, '_client_cert', None):
+            return 'the client sends a TLS client certificate'
+        return None
+
+    def _signed(self, key, headers):
+        """The request's bytes: request line, Host as SigV4 signs it, the signed headers."""
+        url = self._url(key)
+        return self._request_bytes(urlsplit(url).path, self._host_header,
+                                   self._signed_headers(url, headers))
