@@ -4,6 +4,8 @@
 
 Each phase runs in a fresh interpreter so that its peak RSS (ru_maxrss) is its own; the load
 phase reports the time to decode the file alone and to build the ObjectInfo list as well.
+The remount phases go on to the tree: from an ObjectInfo list (as before) and from the file's
+columns (as the daemon does now): time, peak RSS, and RSS kept (the tree).
 """
 
 import argparse
@@ -72,11 +74,34 @@ def phase_load(folder):
     return results
 
 
+def phase_remount(folder, path):
+    """The daemon's remount: the saved listing to a tree; `path` 'columns' (the tree built from
+    the file's columns, as the daemon does) or 'objects' (an ObjectInfo per file first, as it
+    did before)."""
+    from cachefs.cache import listing
+    from cachefs.namespace import build_tree, build_tree_from_columns
+    before = rss_mib()
+    start = time.perf_counter()
+    if path == 'columns':
+        listed_at, columns = listing.load_columns(folder, SOURCE)
+        tree = build_tree_from_columns(columns.keys, columns.sizes, columns.etags,
+                                       columns.mtimes, int(listed_at * 1e9))
+        del columns
+    else:
+        listed_at, objects = listing.load_listing(folder, SOURCE)
+        tree = build_tree(objects, int(listed_at * 1e9))
+        del objects
+    seconds = time.perf_counter() - start
+    return {f'remount_{path}_s': seconds, f'remount_{path}_peak_mib': peak_mib() - before,
+            f'remount_{path}_tree_mib': rss_mib() - before, 'files': tree.file_count}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--objects', type=int, default=1_281_167)
     parser.add_argument('--folders', type=int, default=1000)
-    parser.add_argument('--phase', choices=('save', 'load'), help=argparse.SUPPRESS)
+    parser.add_argument('--phase', choices=('save', 'load', 'remount-columns', 'remount-objects'),
+                        help=argparse.SUPPRESS)
     parser.add_argument('--folder', help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.phase == 'save':
@@ -85,9 +110,12 @@ def main():
     if args.phase == 'load':
         print(json.dumps(phase_load(args.folder)))
         return
+    if args.phase and args.phase.startswith('remount-'):
+        print(json.dumps(phase_remount(args.folder, args.phase.split('-')[1])))
+        return
     with tempfile.TemporaryDirectory() as folder:
         results = {'objects': args.objects}
-        for phase in ('save', 'load'):
+        for phase in ('save', 'load', 'remount-objects', 'remount-columns'):
             out = subprocess.run([sys.executable, __file__, '--phase', phase, '--folder', folder,
                                   '--objects', str(args.objects), '--folders', str(args.folders)],
                                  check=True, capture_output=True, text=True).stdout

@@ -27,16 +27,16 @@ from . import memory_budget, mounts
 from .cache import folder as cache_folder
 from .cache.blocks import BlockCache
 from .cache.disk import DiskTier, disk_free
-from .cache.listing import load_listing, save_listing
+from .cache.listing import Columns, load_columns, save_listing
 from .config import default_cache_dir, resolve_auto_eviction
 from .errors import EXIT_ACCESS, EXIT_FUSE, EXIT_SOURCE_MISSING, EXIT_STORE, UserError
 from .control import XATTR_PID
 from .fuse.operations import Operations
 from .metrics import start_metrics_server
-from .namespace import Tree, build_tree, tree_changes
+from .namespace import Tree, build_tree_from_columns, tree_changes
 from .ufs import SourceURL, open_store, parse_source
 from .ufs.async_store import AsyncStore, call_with_retries
-from .ufs.base import ObjectInfo, Store
+from .ufs.base import Store
 from .ufs.errors import AccessDenied, BucketNotFound, ObjectNotFound, StoreError
 
 log = logging.getLogger(__name__)
@@ -76,16 +76,16 @@ def _store_user_error(exc: StoreError, source: SourceURL) -> UserError:
 
 
 def load_namespace(store: Store, source: SourceURL, folder: str,
-                   options: argparse.Namespace) -> tuple[float, list[ObjectInfo]]:
-    """Return the object list: the saved one while fresh, else a new listing (then saved)."""
-    saved = load_listing(folder, str(source))
+                   options: argparse.Namespace) -> tuple[float, Columns]:
+    """Return the listing: the saved one while fresh, else a new listing (then saved)."""
+    saved = load_columns(folder, str(source))
     if saved is not None:
-        listed_at, objects = saved
+        listed_at, columns = saved
         age = time.time() - listed_at
         if age < options.metadata_ttl:
             log.info('using the saved listing of %s (%d objects, %.0fs old)', source,
-                     len(objects), age)
-            return listed_at, objects
+                     len(columns), age)
+            return listed_at, columns
     try:
         has_objects = call_with_retries(store.check_access, retry_timeout=options.retry_timeout)
         if not has_objects and source.prefix and source.scheme != 'file':
@@ -102,12 +102,21 @@ def load_namespace(store: Store, source: SourceURL, folder: str,
         raise _store_user_error(exc, source) from None
     log.info('listed %d objects of %s in %.1fs', len(objects), source, time.monotonic() - started)
     listed_at = time.time()
+    columns = Columns.of(objects)
+    del objects         # a Python object per file: not kept beside the tree being built
     try:
-        save_listing(folder, str(source), objects, listed_at)
+        save_listing(folder, str(source), columns, listed_at)
     except (OSError, ValueError) as exc:
         # only a cache: the mount works without it, the next one lists again
         log.warning('could not save the listing in %s: %s', folder, exc)
-    return listed_at, objects
+    return listed_at, columns
+
+
+def _tree_and_changes(old: Tree, columns: Columns,
+                      listed_at_ns: int) -> tuple[Tree, tuple[list[int], list[tuple[int, bytes]]]]:
+    tree = build_tree_from_columns(columns.keys, columns.sizes, columns.etags, columns.mtimes,
+                                   listed_at_ns)
+    return tree, tree_changes(old, tree)
 
 
 def _invalidate_inode(inode: int) -> None:
@@ -174,10 +183,12 @@ class Daemon:
         # only known then (1.28M files are about 1.8 GiB: more than the default caches).
         self.memory_limit = memory_budget.read_cgroup_limit()
         memory_budget.fit(options, 0, self.disk is not None, self.memory_limit, announce=None)
-        listed_at, objects = load_namespace(self.store, self.source, self.folder, options)
+        listed_at, columns = load_namespace(self.store, self.source, self.folder, options)
         self.listed_at = listed_at
         self.listing_generation = 0
-        self.tree = build_tree(objects, int(listed_at * 1e9))
+        self.tree = build_tree_from_columns(columns.keys, columns.sizes, columns.etags,
+                                            columns.mtimes, int(listed_at * 1e9))
+        del columns
         memory_budget.fit(options, self.tree.file_count, self.disk is not None,
                           self.memory_limit)
         resolve_auto_eviction(options, self.disk, self.tree.total_bytes)
@@ -383,8 +394,15 @@ class Daemon:
         """Swap in a new tree from a fresh listing and make the kernel forget what changed."""
         objects = await self.async_store.list_objects()
         listed_at = time.time()
-        tree = build_tree(objects, int(listed_at * 1e9))
-        changed, stale_entries = tree_changes(self.tree, tree)
+        old = self.tree
+        # Seconds of CPU at a million files (bench/tree_cost.py): in a worker thread, so that
+        # the trio thread keeps answering the kernel meanwhile (both share the GIL, so requests
+        # are slower then, not stopped). The old tree is only read there; nothing else swaps it
+        # (refreshes run one after another).
+        columns = await trio.to_thread.run_sync(Columns.of, objects)
+        del objects
+        tree, (changed, stale_entries) = await trio.to_thread.run_sync(
+            _tree_and_changes, old, columns, int(listed_at * 1e9))
         self.operations.replace_tree(tree)
         self.tree = tree
         self.listed_at = listed_at
@@ -396,7 +414,7 @@ class Daemon:
         log.info('refreshed %s: %d folders and %d names changed, %d files', self.source,
                  len(changed), len(stale_entries), tree.file_count)
         try:
-            await trio.to_thread.run_sync(save_listing, self.folder, str(self.source), objects,
+            await trio.to_thread.run_sync(save_listing, self.folder, str(self.source), columns,
                                           listed_at)
         except (OSError, ValueError) as exc:
             log.warning('could not save the listing: %s', exc)

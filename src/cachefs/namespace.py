@@ -39,7 +39,7 @@ import os
 import stat
 from array import array
 from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 from .ufs.base import ObjectInfo
 
@@ -303,6 +303,18 @@ def _encode(text: str) -> bytes:
 
 def build_tree(objects: Iterable[ObjectInfo], listed_at_ns: int = 0) -> Tree:
     """Build a `Tree` from an iterable of `ufs.base.ObjectInfo`."""
+    objects = objects if isinstance(objects, list) else list(objects)
+    return build_tree_from_columns([o.key for o in objects], [o.size for o in objects],
+                                   [o.etag for o in objects], [o.mtime_ns for o in objects],
+                                   listed_at_ns)
+
+
+def build_tree_from_columns(keys: Sequence[str], sizes: Sequence[int], etags: Sequence[str],
+                            mtimes: Sequence[int], listed_at_ns: int = 0) -> Tree:
+    """Build a `Tree` from a listing in columns: item i of each is object i (as the saved
+    listing holds it, `cache.listing.Columns`), so that a remount makes no object per file."""
+    if not len(keys) == len(sizes) == len(etags) == len(mtimes):
+        raise ValueError('columns of different lengths')
     problems: Counter[str] = Counter()
     examples: dict[str, str] = {}
 
@@ -310,11 +322,11 @@ def build_tree(objects: Iterable[ObjectInfo], listed_at_ns: int = 0) -> Tree:
         problems[why] += 1
         examples.setdefault(why, key)
 
-    # 1. the files of each folder (by folder key without its slash, '' for the root); markers
-    files_in: dict[str, list[ObjectInfo]] = {}
+    # 1. the files of each folder, as indexes into the columns (by folder key without its
+    # slash, '' for the root); markers
+    files_in: dict[str, list[int]] = {}
     markers = set()
-    for obj in objects:
-        key = obj.key
+    for i, key in enumerate(keys):
         if key in ('', '/'):
             continue                      # the prefix's own marker
         # the usual key needs no closer look: short, ASCII, no NUL, no empty or dot segment
@@ -331,7 +343,7 @@ def build_tree(objects: Iterable[ObjectInfo], listed_at_ns: int = 0) -> Tree:
         group = files_in.get(parent)
         if group is None:
             group = files_in[parent] = []
-        group.append(obj)
+        group.append(i)
 
     # 2. every folder, and its subfolders: every proper prefix of a key is a folder
     folder_keys = {''}
@@ -363,37 +375,49 @@ def build_tree(objects: Iterable[ObjectInfo], listed_at_ns: int = 0) -> Tree:
         folders[folder_key] = table
 
         cut = len(key)
-        by_name: dict[bytes, ObjectInfo | None] = {}
-        for obj in files_in.pop(folder_key, ()):     # freed as it goes: less fragmentation
+        by_name: dict[bytes, int] = {}
+        for i in files_in.pop(folder_key, ()):     # freed as it goes: less fragmentation
             # a key listed twice: the later one
-            by_name[obj.key[cut:].encode('utf-8', 'surrogateescape')] = obj
+            by_name[keys[i][cut:].encode('utf-8', 'surrogateescape')] = i
         for sub in subfolders[folder_key]:
             name = _encode(sub[cut:])
-            if by_name.get(name) is not None:
+            if by_name.get(name, -1) >= 0:
                 skip(sub, _BOTH)
-            by_name[name] = None
+            by_name[name] = -1
         names = sorted(by_name)
         entries = [by_name[name] for name in names]
+        files = [i for i in entries if i >= 0]
+        file_keys = [keys[i] for i in files]
+        file_etags = [etags[i] for i in files]
         table.names = names
         node.sorted_names = names
-        sizes = [-1 if obj is None else obj.size for obj in entries]
-        mtimes = array('q', [listed_at_ns if obj is None else obj.mtime_ns for obj in entries])
-        etags = [None if obj is None else obj.etag for obj in entries]
-        cols = table.cols = array('q', bytes(24 * len(entries)))
-        cols[1::3] = array('q', sizes)
-        cols[2::3] = mtimes
-        cols[0::3] = array('q', [
-            0 if obj is None else from_bytes(blake2b(
-                (obj.key + '\0' + obj.etag).encode('utf-8', 'surrogateescape'),
+        if len(files) == len(entries):              # no subfolder among them: the usual case
+            entry_sizes = [sizes[i] for i in files]
+            mtimes_col = array('q', [mtimes[i] for i in files])
+            entry_etags: list[str | None] = file_etags  # type: ignore[assignment]
+            inodes = [from_bytes(blake2b((k + '\0' + e).encode('utf-8', 'surrogateescape'),
+                                         digest_size=8).digest(), 'little') & _INODE_MASK
+                      for k, e in zip(file_keys, file_etags)]
+        else:
+            entry_sizes = [-1 if i < 0 else sizes[i] for i in entries]
+            mtimes_col = array('q', [listed_at_ns if i < 0 else mtimes[i] for i in entries])
+            entry_etags = [None if i < 0 else etags[i] for i in entries]
+            inodes = [0 if i < 0 else from_bytes(blake2b(
+                (keys[i] + '\0' + etags[i]).encode('utf-8', 'surrogateescape'),
                 digest_size=8).digest(), 'little') & _INODE_MASK
-            for obj in entries])
-        _pack_etags(table, etags)
-        for index, entry in enumerate(entries):
-            if entry is not None and not entry.key.isascii() and table.key_at(index) != entry.key:
-                table.odd_keys[index] = entry.key
-        total_bytes += sum(sizes) + sizes.count(-1)
-        if mtimes:
-            node.mtime_ns = max(mtimes) or listed_at_ns
+                for i in entries]
+        cols = table.cols = array('q', bytes(24 * len(entries)))
+        cols[1::3] = array('q', entry_sizes)
+        cols[2::3] = mtimes_col
+        cols[0::3] = array('q', inodes)
+        _pack_etags(table, entry_etags)
+        if not all(map(str.isascii, file_keys)):
+            for index, i in enumerate(entries):
+                if i >= 0 and not keys[i].isascii() and table.key_at(index) != keys[i]:
+                    table.odd_keys[index] = keys[i]
+        total_bytes += sum(entry_sizes) + entry_sizes.count(-1)
+        if mtimes_col:
+            node.mtime_ns = max(mtimes_col) or listed_at_ns
 
     # 4. subfolders' places in their parents, and inodes
     for folder_key, table in folders.items():

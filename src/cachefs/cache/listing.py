@@ -31,6 +31,7 @@ import sys
 import time
 
 from array import array
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import msgpack
@@ -56,12 +57,21 @@ class BadListing(ValueError):
 
 
 class Columns:
-    """A decoded, checked listing: one list per field, item i of each is object i."""
+    """A listing in columns: item i of each is object i. Sizes and mtimes are `array('q')`
+    (8 bytes per object, no int object each); the tree is built from the columns directly
+    (namespace.build_tree_from_columns), so that a remount makes no object per file."""
 
     __slots__ = ('keys', 'sizes', 'etags', 'mtimes')
 
-    def __init__(self, keys: list[str], sizes: list[int], etags: list[str], mtimes: list[int]):
+    def __init__(self, keys: list[str], sizes: Sequence[int], etags: list[str],
+                 mtimes: Sequence[int]):
         self.keys, self.sizes, self.etags, self.mtimes = keys, sizes, etags, mtimes
+
+    @classmethod
+    def of(cls, objects: Iterable[ObjectInfo]) -> 'Columns':
+        objects = objects if isinstance(objects, list) else list(objects)
+        return cls([o.key for o in objects], array('q', [o.size for o in objects]),
+                   [o.etag for o in objects], array('q', [o.mtime_ns for o in objects]))
 
     def __len__(self):
         return len(self.keys)
@@ -86,21 +96,23 @@ def _collector_paused():
 
 def _packed(values):
     column = array('q', values)      # raises OverflowError outside int64, as it should
+    # (a copy also when `values` is an array: byteswap() must not touch the caller's)
     if _SWAP:
         column.byteswap()
     return column.tobytes()
 
 
 def encode_listing(source, objects, listed_at):
-    objects = list(objects)
+    """The file's bytes for `objects`: ObjectInfo, or a `Columns`."""
+    columns = objects if isinstance(objects, Columns) else Columns.of(objects)
     fields = {
         'version': FORMAT_VERSION,
         'source': source,
         'listed_at': listed_at,
-        'keys': [o.key for o in objects],
-        'etags': [o.etag for o in objects],
-        'sizes': _packed(o.size for o in objects),
-        'mtimes': _packed(o.mtime_ns for o in objects),
+        'keys': columns.keys,
+        'etags': columns.etags,
+        'sizes': _packed(columns.sizes),
+        'mtimes': _packed(columns.mtimes),
     }
     # Local file names need not be UTF-8: keep their bytes through surrogateescape.
     payload = msgpack.packb(fields, use_bin_type=True, unicode_errors='surrogateescape')
@@ -193,7 +205,7 @@ def decode_columns(data, source):
     if sizes and min(sizes) < 0:     # < 2**63 holds for any int64
         raise BadListing(f'a negative size ({min(sizes)})')
     mtimes = _ints(fields, 'mtimes', len(keys))     # any int64 is a time
-    return listed_at, Columns(keys, sizes.tolist(), etags, mtimes.tolist())
+    return listed_at, Columns(keys, sizes, etags, mtimes)
 
 
 def _decode_format_2(data, source):
@@ -225,6 +237,12 @@ def decode_listing(data, source):
 
 def load_listing(folder, source):
     """Return (listed_at, [ObjectInfo]) or None when there is no usable saved listing."""
+    saved = load_columns(folder, source)
+    return None if saved is None else (saved[0], saved[1].objects())
+
+
+def load_columns(folder, source):
+    """Return (listed_at, Columns) or None when there is no usable saved listing."""
     path = os.path.join(folder, FILE_NAME)
     try:
         with open(path, 'rb') as f:
@@ -243,5 +261,4 @@ def load_listing(folder, source):
     if saved is None:
         log.info('ignoring saved listing %s: other format version or source', path)
         return None
-    del data                         # 100 MiB at 1.28 million objects: not kept at the peak
-    return saved[0], saved[1].objects()
+    return saved
