@@ -17,7 +17,13 @@ install_system_packages() {
         dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
     done
     # promtool (Debian's prometheus package) checks and unit-tests deploy/prometheus/'s rules
-    if [[ ${1:-} == test ]]; then dpkg -s prometheus >/dev/null 2>&1 || missing+=(prometheus); fi
+    # memcached (extstore built in) is the cluster tier's engine; iproute2 makes the network
+    # namespaces the cluster tests run their "nodes" in
+    if [[ ${1:-} == test || ${1:-} == bench ]]; then
+        for pkg in prometheus memcached iproute2; do
+            dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
+        done
+    fi
     # the benchmark compares against these peers; the tests do not need them
     if [[ ${1:-} == bench ]]; then
         for pkg in s3fs rclone; do dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg"); done
