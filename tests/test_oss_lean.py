@@ -18,8 +18,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cachefs.ufs.async_store import AsyncStore
-from cachefs.ufs.errors import AccessDenied, ObjectChanged, ObjectNotFound, StoreError, \
-    TransientError
+from cachefs.ufs.errors import (AccessDenied, EndpointUnreachable, ObjectChanged, ObjectNotFound,
+                                StoreError, TransientError)
 from cachefs.ufs.oss import OssStore
 from cachefs.ufs.oss_sign import OssSigner
 
@@ -27,6 +27,7 @@ from conftest import OSS_BUCKET, OSS_KEY_ID, OSS_SECRET, assert_tree_matches
 from support.faults import FaultProxy, FirstTry, SeededMix
 from support.oss_server import OssServer
 from support.scripted_http import Reply, ScriptedServer
+from support.tls_relay import TlsRelay, make_certificate
 
 OSS2_AGENT = 'aliyun-sdk-python'
 STS_ID, STS_SECRET, STS_TOKEN = 'STS.cachefs-test', 'sts-secret-9Kq', 'CAIS+token/with=odd%chars'
@@ -182,6 +183,31 @@ async def test_a_signature_that_differs_from_oss2s_keeps_oss2_for_reads(oss_env,
     source = (oss_env.local_root / obj.key).read_bytes()
     assert bytes(await AsyncStore(store).read(obj.key, obj.etag, 0, 100)) == source[:100]
     assert len(oss2_reads) == 1
+
+
+async def test_https_reads_verify_the_server_certificate_with_requests_ca_bundle(
+        oss_env, oss_server, tmp_path, monkeypatch):
+    cert, key = make_certificate(tmp_path)
+    with TlsRelay(oss_server.port, cert, key) as relay:
+        monkeypatch.setenv('REQUESTS_CA_BUNDLE', str(cert))
+        store = open_store(relay.endpoint)
+        assert store.read_paths() == ('oss2', 'trio')
+        oss2_reads = count_oss2_reads(store)
+        objects = [o for o in store.list_objects() if o.size][:20]
+        for obj in objects:
+            data = await store.read_async(obj.key, obj.etag, 0, obj.size)
+            assert (obj.size, sha256_of_bytes(data)) == oss_env.manifest[obj.key], obj.key
+        assert oss2_reads == []
+        # A client that trusts another CA refuses the relay's certificate, on this path too.
+        (tmp_path / 'other').mkdir()
+        other_cert, _ = make_certificate(tmp_path / 'other')
+        monkeypatch.setenv('REQUESTS_CA_BUNDLE', str(other_cert))
+        with pytest.raises(EndpointUnreachable, match='TLS'):
+            await open_store(relay.endpoint).read_async(objects[0].key, objects[0].etag, 0, 1)
+        # Closed while the relay is up, so that its threads end before it closes their sockets
+        # (a socket it closed under a thread has a number a later test's connection may get).
+        forget_connections(store)
+        await trio.sleep(0.3)
 
 
 def test_a_client_behind_a_proxy_keeps_oss2(oss_env, monkeypatch):
