@@ -121,8 +121,12 @@ def main(argv=None):
     parser.add_argument('--threads', type=int, default=8)
     parser.add_argument('--seed', type=int, default=0)
     parser.add_argument('--top', type=float, default=2.0, help='smallest share shown, percent')
-    parser.add_argument('mount_options', nargs='*', help='extra cachefs options, after --')
-    options = parser.parse_args(argv)
+    # Extra cachefs options come after `--` (argparse's nargs='*' after a positional loses
+    # them: "unrecognized arguments")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    cut = argv.index('--') if '--' in argv else len(argv)
+    options = parser.parse_args(argv[:cut])
+    options.mount_options = argv[cut + 1:]
     if options.profiler:
         # py-spy usually lives in the venv next to this Python, perf in the system
         search = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get('PATH', '')])

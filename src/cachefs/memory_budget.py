@@ -4,7 +4,9 @@ never OOM-kills the daemon (every read of the training job would then fail with 
 
 The formula, in bytes (README, "Memory"; each term is a bound, not an average):
 
-    --memory-cache-size
+    --memory-cache-size                      the memory tier's blocks and the free block
+                                             buffers kept for reuse (up to 8 blocks, kept
+                                             within it: cache/memory.py)
   + --prefetch-memory                        (0 when --prefetch-window is 0)
   + 8 x --block-size                         the SSD write queue's own blocks (none without an
                                              SSD tier); beyond those it is charged to the

@@ -86,6 +86,21 @@ Concurrency rules (S3QL style; written once, here):
   Readers never see a partially written block file: writes are renamed into place.
 - Prefetch is bounded by one global budget (bytes in flight plus bytes fetched and kept),
   whatever the number of readers.
+- Block buffers are recycled (ufs/block_buffers.py): a block's bytes are never modified while
+  anyone can see them, so a buffer is reused for another block only once nothing refers to it.
+  Two places offer buffers back, each holding the block in one local variable: the memory tier,
+  for an evicted block the SSD queue did not take (memory.py), and an SSD writer, for a block
+  it wrote that had left memory (writeback.py). The pool reuses a buffer only when its
+  reference count is the caller's alone: a reader's memoryview, a FUSE reply under way
+  (pyfuse3 holds a Py_buffer), the memory tier, the prefetch buffer, the SSD queue, a writer
+  thread (also an abandoned one) and a fetch's waiters all hold references, so a buffer any of
+  them may still read is never handed out. Whoever fills a reused buffer fills every byte of
+  it before it is seen (a short store answer raises, and the buffer is dropped). The free
+  buffers (at most _POOL_BLOCKS, fewer for a small memory tier) take their room from the memory
+  tier's capacity (MemoryTier.reserve), so the memory formula is unchanged. Why: a cold epoch
+  larger than the memory tier otherwise allocates a fresh buffer per block, and the kernel
+  zeroes every new page (19-32% of the daemon's time in a cold epoch, bench/RESULTS.md and
+  bench/profile_epoch.py cold --perf).
 """
 
 from __future__ import annotations
@@ -98,6 +113,7 @@ from typing import Optional
 
 import trio
 
+from ..ufs import block_buffers
 from .counters import CacheCounters
 from .disk import PROBE_INTERVAL, DiskTier
 from .disk_io import DiskIO
@@ -111,6 +127,9 @@ __all__ = ['BlockCache', 'CacheCounters', 'FAILURE_MEMORY_SECONDS']
 log = logging.getLogger(__name__)
 
 _IDLE = 1.0     # seconds without reads or fetches before unwritten blocks go to the SSD
+# Free block buffers kept for reuse: enough for the evictions of a burst of landing fetches to
+# feed the next fetches; at most 1/8 of the memory tier (their room comes from it).
+_POOL_BLOCKS = 8
 
 
 class BlockCache:
@@ -128,7 +147,10 @@ class BlockCache:
         self.disk = disk
         self._probe_interval = probe_interval
         self.counters = CacheCounters()
-        self.memory = MemoryTier(memory_bytes)
+        pool_blocks = min(_POOL_BLOCKS, memory_bytes // block_size // 8)
+        self.buffers = block_buffers.configure(block_size, pool_blocks)
+        self.memory = MemoryTier(memory_bytes, recycle=block_buffers.recycle,
+                                 reserve=pool_blocks * block_size)
         self._prefetched = PrefetchBuffer()
         self._disk_io = DiskIO(disk, self.counters, probe_interval) if disk is not None else None
         self._writeback = WriteBack(block_size, self.memory, self._prefetched, self._disk_io)

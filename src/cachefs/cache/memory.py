@@ -6,6 +6,12 @@ them with memoryview), so an evicted block stays valid for a reader holding it.
 An evicted block is handed to `on_evict` (the block cache writes blocks not yet on the SSD then).
 Bytes held outside the LRU can be charged to the tier (`charge`): blocks waiting for the SSD
 count against the capacity, so that the LRU shrinks while they wait.
+
+Recycling: `reserve` bytes of the capacity are kept free of blocks for the buffers waiting to be
+reused (ufs/block_buffers.py; at most that many bytes of them), and an evicted block that
+`on_evict` did not keep is offered to `recycle`, which reuses its buffer only if nothing else
+refers to it (cache/blocks.py, "Concurrency rules"). So the blocks in the LRU and the free
+buffers together stay within the capacity.
 """
 
 from __future__ import annotations
@@ -22,10 +28,13 @@ Block = Union[bytes, bytearray, memoryview]    # a block's bytes, never modified
 
 class MemoryTier:
     def __init__(self, capacity_bytes: int,
-                 on_evict: Optional[Callable[[BlockId, Block], None]] = None) -> None:
+                 on_evict: Optional[Callable[[BlockId, Block], None]] = None,
+                 recycle: Optional[Callable[[Block], bool]] = None, reserve: int = 0) -> None:
         self.capacity = capacity_bytes
         # may be set after construction, by whoever composes the tier with its SSD writes
         self.on_evict = on_evict
+        self.recycle = recycle
+        self.reserve = reserve      # bytes of the capacity left to the recycled buffers
         self.used = 0
         self.charged = 0            # bytes held outside the LRU but counted against the capacity
         self.evictions = 0
@@ -60,12 +69,16 @@ class MemoryTier:
             return
         self._evicting = True
         try:
-            while self._blocks and self.used + self.charged > self.capacity:
+            while self._blocks and \
+                    self.used + self.charged + self.reserve > self.capacity:
                 evicted_id, evicted = self._blocks.popitem(last=False)
                 self.used -= len(evicted)
                 self.evictions += 1
                 if self.on_evict is not None:
                     self.on_evict(evicted_id, evicted)
+                if self.recycle is not None:
+                    # `evicted` is this loop's one reference; the SSD queue keeps its own
+                    self.recycle(evicted)
         finally:
             self._evicting = False
 

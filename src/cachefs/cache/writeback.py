@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Callable, Optional
 
 import trio
 
+from ..ufs import block_buffers
 from .memory import Block, BlockId, MemoryTier
 
 if TYPE_CHECKING:
@@ -193,3 +194,6 @@ class WriteBack:
                 del self._writing[block_id]
                 self._unqueue(block_id, data)
                 self._queue_room.unpark_all()
+            # Written: unless something still holds it (the memory tier, a reader, a writer
+            # thread abandoned by a deadline), its buffer is reused (cache/blocks.py)
+            block_buffers.recycle(data)
