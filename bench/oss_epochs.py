@@ -176,10 +176,12 @@ def main(argv=None):
             samples = results[(part.key, system)]
             mib = statistics.median(r[0] for r in samples)
             rows.append([part.describe(), system, f'{mib:.0f}',
+                         ' / '.join(f'{r[0]:.0f}' for r in samples),
                          f'{statistics.median(r[1] for r in samples):.0f}',
                          f'{mib / base:.2f}', f'{statistics.median(r[2] for r in samples):.2f}',
                          f'{statistics.median(r[3] for r in samples):.2f}'])
-    table = report.markdown_table(['dataset', 'system', 'MiB/s', 'files/s', 'x oss2',
+    table = report.markdown_table(['dataset', 'system', 'MiB/s', 'MiB/s by round', 'files/s',
+                                   'x oss2',
                                    'client CPU s', 'server CPU s'], rows)
     load = os.getloadavg()[0]
     print('\n'.join([
