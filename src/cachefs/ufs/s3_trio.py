@@ -25,6 +25,9 @@ answer's body is read for at most 64 KiB and one second, never until a close. A 
 connection is used for at most 1,000 requests and 5 minutes, and not after 15 s idle: servers
 and load balancers close idle connections (nginx after 1,000 requests, many after 5 to 60 s
 idle), and new connections follow DNS to the store's current front ends.
+
+The pool, the parser and the GET are `PooledGetter`'s, with no S3 in them: `TrioGetter` adds S3's
+URL, signature and error codes, `oss_trio.OssTrioGetter` OSS's.
 """
 
 from __future__ import annotations
