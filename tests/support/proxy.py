@@ -69,12 +69,14 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         if self.command != 'HEAD':
             self.wfile.write(payload)
+            proxy.sent(len(payload))
 
     do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _forward
 
 
 class CountingProxy:
-    def __init__(self, upstream_host, upstream_port):
+    def __init__(self, upstream_host, upstream_port, host='127.0.0.1'):
+        # host: the address it listens on (the cluster rig's bridge, for nodes in namespaces)
         self.upstream = (upstream_host, upstream_port)
         self.fault = None
         self._lock = threading.Lock()
@@ -82,20 +84,26 @@ class CountingProxy:
         self.requests = []
         self.in_flight = 0
         self.max_in_flight = 0          # high-water mark of requests in flight, since reset()
-        self._server = ThreadingHTTPServer(('127.0.0.1', 0), _Handler)
+        self.bytes_sent = 0             # body bytes forwarded to clients, since reset()
+        self._server = ThreadingHTTPServer((host, 0), _Handler)
         self._server.daemon_threads = True
         self._server.proxy = self
         self._thread = None
 
     @property
     def endpoint(self):
-        return f'http://127.0.0.1:{self._server.server_address[1]}'
+        host, port = self._server.server_address[:2]
+        return f'http://{host}:{port}'
 
     def record(self, method, path, query, headers):
         with self._lock:
             self.requests.append((method, urllib.parse.unquote(path), query))
             self.in_flight += 1
             self.max_in_flight = max(self.max_in_flight, self.in_flight)
+
+    def sent(self, size):
+        with self._lock:
+            self.bytes_sent += size
 
     def request_done(self):
         with self._lock:
@@ -109,6 +117,7 @@ class CountingProxy:
         with self._lock:
             self.requests.clear()
             self.max_in_flight = self.in_flight
+            self.bytes_sent = 0
 
     def upstream_connection(self):
         connection = getattr(self._local, 'connection', None)
