@@ -343,6 +343,20 @@ def format_stats(stats):
             f"{stats['disk_corrupt_blocks']} corrupt blocks dropped")
     else:
         lines.append('SSD tier        off (--cache-size 0)')
+    if 'cluster_hits' in stats:
+        down = sorted(p for p, state in stats['cluster_peer_states'].items() if state != 'up')
+        lines += [
+            f"cluster tier    {stats['cluster_hits']} hits "
+            f"({format_size(stats['cluster_read_bytes'])}), {stats['cluster_misses']} misses, "
+            f"{stats['cluster_skipped']} skipped, {stats['cluster_errors']} errors "
+            f"({stats['cluster_timeouts']} timeouts, {stats['cluster_refused_blocks']} refused "
+            "blocks)",
+            f"cluster fills   {stats['cluster_fills']} blocks "
+            f"({format_size(stats['cluster_fill_bytes'])}), {stats['cluster_fill_queue']} "
+            f"queued, {stats['cluster_fills_dropped']} dropped, "
+            f"{stats['cluster_fill_errors']} failed",
+            f"cluster peers   {stats['cluster_peers_up']} of {stats['cluster_peers']} up"
+            + (f"; down: {', '.join(down)}" if down else '')]
     lines += format_latency(stats.get('fuse_ops', {}), stats.get('fuse_latency_buckets', ()))
     return lines
 

@@ -92,6 +92,11 @@ def _endpoint(value):
         raise ValueError(problem)       # never the value itself: it may hold credentials
 
 
+def _cluster_url(value):
+    from .cache.cluster_peers import parse_cluster_url
+    parse_cluster_url(value)        # raises ValueError with its one-line message
+
+
 @dataclass(frozen=True)
 class Option:
     name: str               # long option without dashes, e.g. 'cache-size'
@@ -174,6 +179,29 @@ MOUNT_OPTIONS = (
     Option('metrics-addr', 'address', None,
            'serve Prometheus metrics on HOST:PORT at /metrics (default: off)',
            limits='HOST:PORT, port 1 to 65535'),
+    Option('cluster', 'str', None,
+           'the cluster tier: blocks missing from this node are asked of the memcached peer '
+           'that holds them, and stored there once read from the store (default: off)',
+           limits='memcached://HOST[:PORT][,HOST[:PORT]...]: one name that resolves to every '
+           'node, or a list', check=_cluster_url),
+    Option('cluster-timeout', 'duration', 0.2,
+           'longest wait for one block from a cluster peer; then the block is read from the '
+           'store and the peer skipped for a while',
+           limits='more than 0, at most 60s', check=_between(0, 60, above=True)),
+    Option('cluster-connect-timeout', 'duration', 0.05,
+           'longest wait for a new connection to a cluster peer',
+           limits='more than 0, at most 10s', check=_between(0, 10, above=True)),
+    Option('cluster-secret-file', 'str', None,
+           'file holding a secret shared by every node of the cluster: blocks carry a keyed '
+           'checksum that nobody without it can forge (without it the checksum only catches '
+           'corruption)', limits='a readable file of at least 16 bytes', check=_not_empty),
+    Option('cluster-refresh', 'duration', 30.0,
+           'how often the cluster host names are resolved again',
+           limits='1s to 1d', check=_between(1, 86400)),
+    Option('cluster-fill-queue', 'int', 16,
+           'blocks read from the store waiting to be stored in the cluster; more are dropped, '
+           'never waited for (0: this node never stores blocks in the cluster)',
+           limits='0 to 4096', check=_between(0, 4096)),
     Option('profile', 'str', None,
            'a set of defaults for a kind of work: "training" (epoch reads of immutable data: '
            '24h kernel timeouts, listing kept until refresh, eviction auto, prefetch on)',
@@ -288,13 +316,14 @@ def expand_dash_o(argv: list[str]) -> list[str]:
     off."""
     known = {option.name: option for option in MOUNT_OPTIONS}
     extra = {'foreground': None}
-    result = []
+    result: list[str] = []
     args = iter(argv)
     for arg in args:
         if arg == '-o' or (arg.startswith('-o') and not arg.startswith('--')):
             value = arg[2:] or next(args, None)
             if value is None:
                 raise UserError('-o needs a value, e.g. -o memory_cache_size=2G', EXIT_USAGE)
+            cluster_at = None       # index in `result` of a cluster= in this -o
             for item in filter(None, value.split(',')):
                 name, has_value, setting = item.partition('=')
                 name = name.strip()
@@ -302,6 +331,13 @@ def expand_dash_o(argv: list[str]) -> list[str]:
                     continue
                 name = name.replace('_', '-')
                 option = known.get(name)
+                if option is None and not has_value and cluster_at is not None \
+                        and name not in extra:
+                    # `cluster=memcached://a:11211,b:11211`: the URL's commas are -o's too;
+                    # what follows it and is no option is its next host
+                    result[cluster_at] += ',' + item.strip()
+                    continue
+                cluster_at = len(result) if name == 'cluster' and has_value else None
                 if option is None and name not in extra:
                     raise UserError(f'unknown mount option {item!r} in -o', EXIT_USAGE)
                 if option is None or option.kind == 'flag':

@@ -26,6 +26,7 @@ import trio
 from . import memory_budget, mounts
 from .cache import folder as cache_folder
 from .cache.blocks import BlockCache
+from .cache.cluster import ClusterTier, read_secret
 from .cache.disk import DiskTier, disk_free
 from .cache.listing import Columns, load_columns, save_listing
 from .config import default_cache_dir, resolve_auto_eviction
@@ -165,6 +166,8 @@ class Daemon:
         self.source = parse_source(options.source)
         self.mountpoint = os.path.abspath(options.mountpoint)
         self.started_at = time.time()
+        self.cluster: ClusterTier | None = None
+        self.cluster_secret: bytes | None = None
 
     # -- setup: everything that can fail because of the user happens before mounting --
 
@@ -178,6 +181,8 @@ class Daemon:
             cache_dir, source_folder_name(self.source, options.endpoint_url), self.mountpoint)
         self.folder = self.cache_folder.path
         self.disk = self.make_disk_tier()
+        if options.cluster and options.cluster_secret_file:
+            self.cluster_secret = read_secret(options.cluster_secret_file)
         # Options the user gave that cannot fit the memory limit are refused before the listing
         # (which may take minutes); the sizing itself waits for it, because the tree's share is
         # only known then (1.28M files are about 1.8 GiB: more than the default caches).
@@ -227,7 +232,7 @@ class Daemon:
         cache = self.cache.counters
         disk = self.cache.disk
         disk_counters = disk.counters if disk is not None else None
-        return {
+        stats = {
             'source': str(self.source),
             'pid': os.getpid(),
             'uptime_s': round(time.time() - self.started_at, 3),
@@ -274,6 +279,9 @@ class Daemon:
             'memory_budget_bytes': memory_budget.formula_of(
                 self.options, self.tree.file_count, disk is not None).total,
         }
+        if self.cluster is not None:
+            stats.update(self.cluster.stats())
+        return stats
 
     # -- serving --
 
@@ -291,7 +299,15 @@ class Daemon:
         self.async_store = AsyncStore(self.store, options.store_concurrency, options.retry_timeout)
         self._answering = trio.Event()
         self._fuse_scope: trio.CancelScope | None = trio.CancelScope()
-        self.cache = BlockCache(self.async_store, options.block_size, options.memory_cache_size,
+        if options.cluster:
+            # between the SSD tier and the store (cache/cluster.py); keyed like the cache folder
+            self.cluster = ClusterTier(
+                self.async_store, options.cluster,
+                ClusterTier.namespace_of(f'{self.source}|{options.endpoint_url or ""}'),
+                options.block_size, self.cluster_secret, options.cluster_connect_timeout,
+                options.cluster_timeout, options.cluster_refresh, options.cluster_fill_queue)
+        self.cache = BlockCache(self.cluster or self.async_store, options.block_size,
+                                options.memory_cache_size,
                                 self.disk, options.prefetch_window,
                                 options.prefetch_memory)
         operations = self.operations = Operations(
@@ -314,6 +330,8 @@ class Daemon:
             try:
                 async with trio.open_nursery() as nursery:
                     await nursery.start(self.cache.run)
+                    if self.cluster is not None:
+                        nursery.start_soon(self.cluster.run)
                     nursery.start_soon(self._announce_when_answering)
                     nursery.start_soon(self._stop_on_signal, stop_signals)
                     nursery.start_soon(self._refresh_periodically, hangups)

@@ -46,6 +46,24 @@ COUNTERS = (
     ('cachefs_disk_write_errors', 'disk_write_errors', 'Failed SSD tier writes.'),
     ('cachefs_disk_corrupt_blocks', 'disk_corrupt_blocks',
      'Block files dropped because they failed their checksum.'),
+    # the cluster tier (--cluster), present only when it is on
+    ('cachefs_cluster_hits', 'cluster_hits', 'Blocks served by a cluster peer, verified.'),
+    ('cachefs_cluster_misses', 'cluster_misses', 'Blocks a cluster peer did not hold.'),
+    ('cachefs_cluster_read_bytes', 'cluster_read_bytes', 'Bytes of blocks served by peers.'),
+    ('cachefs_cluster_fills', 'cluster_fills', 'Blocks stored in the cluster by this node.'),
+    ('cachefs_cluster_fill_bytes', 'cluster_fill_bytes', 'Bytes stored in the cluster.'),
+    ('cachefs_cluster_fills_dropped', 'cluster_fills_dropped',
+     'Blocks not stored in the cluster: fill queue full, or their peer down.'),
+    ('cachefs_cluster_fill_errors', 'cluster_fill_errors',
+     'Fills that failed (peer failed, or refused the value).'),
+    ('cachefs_cluster_errors', 'cluster_errors',
+     'Cluster reads that failed (peer failures, timeouts, refused blocks); read from the store.'),
+    ('cachefs_cluster_timeouts', 'cluster_timeouts',
+     'Cluster requests past their deadline (connect, read or fill).'),
+    ('cachefs_cluster_refused_blocks', 'cluster_refused_blocks',
+     'Blocks from peers refused: bad header, length or checksum.'),
+    ('cachefs_cluster_skipped', 'cluster_skipped',
+     'Block reads not asked of the cluster: no peer, or their peer down.'),
 )
 GAUGES = (
     ('cachefs_files', 'files', 'Files in the mounted tree.'),
@@ -71,6 +89,10 @@ GAUGES = (
      'The prefetch budget (--prefetch-memory).'),
     ('cachefs_fuse_retired_nodes', 'fuse_retired_nodes',
      'Nodes of replaced listings still held because the kernel refers to them.'),
+    ('cachefs_cluster_peers', 'cluster_peers', 'Peers of the cluster tier (resolved).'),
+    ('cachefs_cluster_peers_up', 'cluster_peers_up', 'Cluster peers not skipped as down.'),
+    ('cachefs_cluster_fill_queue', 'cluster_fill_queue',
+     'Blocks waiting to be stored in the cluster.'),
 )
 TIERS = (('memory', 'memory_hits', 'memory_used_bytes', 'memory_capacity_bytes'),
          ('disk', 'disk_hits', 'disk_used_bytes', 'disk_capacity_bytes'))
@@ -142,6 +164,13 @@ def collect_families(stats, latency, bounds):
         for tier, key in READ_TIERS:
             served.add_metric([tier], stats.get(key, 0))
         yield served
+    if 'cluster_peer_states' in stats:
+        peer_up = GaugeMetricFamily('cachefs_cluster_peer_up',
+                                    '1 while a cluster peer answers, 0 while it is skipped.',
+                                    labels=['peer'])
+        for peer, state in sorted(stats['cluster_peer_states'].items()):
+            peer_up.add_metric([peer], 1.0 if state == 'up' else 0.0)
+        yield peer_up
     lookups = stats.get('hits', 0) + stats.get('misses', 0)
     yield GaugeMetricFamily('cachefs_cache_hit_ratio',
                             'Block reads served by a cache tier, of all block reads since mount.',

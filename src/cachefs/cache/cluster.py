@@ -1,0 +1,379 @@
+"""The cluster tier: the nodes of a job pool their caches in memcached, between each node's own
+SSD tier and the store.
+
+`ClusterTier` wraps the store that the block cache fetches from and has the same `read(key,
+etag, offset, length)` (cache/fetches.py's `BlockStore`), so the block cache does not know it is
+there: a block missing from memory and from the SSD is asked of the one peer that rendezvous
+hashing picks for its cluster key (cluster_peers.py); a hit whose header and checksum verify is
+returned (cluster_protocol.py); a miss, a timeout, a refused block or a peer that is down falls
+through to the store, and the block the store returned is then stored in the cluster off the
+reader's path. The block cache puts what `read` returns into memory and on the SSD, as it does
+with the store's blocks.
+
+Why memcached, and why this client. memcached 1.6 with extstore is what operators already run
+(one per node, LRU, SSD-backed; docs/cluster.md has the measurements against the other engines).
+It needs nothing from the engine but get and add. The client is this small trio client of the
+meta protocol rather than pymemcache: pymemcache blocks, so every block would cost a worker
+thread hand-off (60-100 us each way, the GIL ping-pong with the FUSE loop, and threads abandoned
+on timeouts), and it copies values through its own buffers; its timeouts are per socket
+operation, not per request. Here a block read is one `mg` on a pooled trio connection with a
+deadline for the whole answer, received straight into the block's buffer, under the same strict
+framing as the S3 path (ufs/s3_trio.py).
+
+Failure rules. A read waits at most `connect_timeout` for a connection and `read_timeout` for the
+whole answer, then reads the store; the peer is then down (circuit breaker, cluster_peers.py) and
+skipped without waiting. A block that does not verify is never returned (counted in
+`refused_blocks`; one warning per peer) and is replaced in the cluster by the store's bytes.
+Waiting for one of a peer's connection slots is not bounded separately: every holder is.
+
+Fills. A block read from the store is queued for its peer (a bounded queue of `fill_queue`
+blocks, emptied by `_FILL_WORKERS` tasks); when the queue is full the fill is dropped, never
+waited for. A fill sends the block with `ms` in add mode (a block is the same whoever fills it,
+and a block several nodes fill is stored once), under a deadline of 5 x `read_timeout`. A queued
+fill holds a reference to its block: memory for at most `fill_queue` blocks beyond the tiers'.
+
+Not done (known limitations): no cross-node single flight (the meta protocol's win/lease
+flags): two nodes that miss the same block at the same moment both read it from the store. No
+replication: a peer that leaves takes its blocks with it (they come from the store again).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from typing import Any
+
+import trio
+
+from .cluster_peers import ClusterURL, Peer, PeerSet, parse_cluster_url
+from .cluster_protocol import (BlockRefused, ClusterError, MetaConnection, PeerFailure, Sealer,
+                               ServerRefused, cluster_key, cluster_namespace)
+from ..errors import EXIT_USAGE, UserError
+from .fetches import BlockStore
+from .memory import Block
+
+log = logging.getLogger(__name__)
+
+_FILL_WORKERS = 4
+_MAX_IDLE = 16                  # idle connections kept per peer
+_MAX_IDLE_SECONDS = 60.0        # an idle connection older than this is closed, not reused
+_FILL_TIMEOUT_FACTOR = 5
+_THREAD_HASHING = 256 * 1024    # blocks this large are checked and sealed in worker threads
+
+
+MIN_SECRET = 16
+
+
+def read_secret(path: str) -> bytes:
+    """The shared secret in `path` (surrounding whitespace dropped, at least 16 bytes); a
+    `UserError` (one line, exit 2) when it cannot be read or is too short."""
+    try:
+        with open(path, 'rb') as f:
+            secret = f.read(1 << 16).strip()
+    except OSError as exc:
+        raise UserError(f'--cluster-secret-file {path}: {exc.strerror}', EXIT_USAGE) from None
+    if len(secret) < MIN_SECRET:
+        raise UserError(f'--cluster-secret-file {path}: the secret must be at least '
+                        f'{MIN_SECRET} bytes (e.g. openssl rand -hex 32)', EXIT_USAGE)
+    return secret
+
+
+class ClusterCounters:
+    __slots__ = ('hits', 'misses', 'read_bytes', 'fills', 'fill_bytes', 'fills_dropped',
+                 'fill_errors', 'errors', 'timeouts', 'refused_blocks', 'skipped')
+
+    def __init__(self) -> None:
+        self.hits = 0               # blocks served by a peer, verified
+        self.misses = 0             # blocks a peer did not have
+        self.read_bytes = 0         # bytes of the blocks served by peers
+        self.fills = 0              # blocks stored in the cluster
+        self.fill_bytes = 0
+        self.fills_dropped = 0      # fills not sent: queue full, or their peer down
+        self.fill_errors = 0        # fills that failed (peer failed or refused the value)
+        self.errors = 0             # reads that failed: peer failures, timeouts, refused blocks
+        self.timeouts = 0           # reads and fills past their deadline (in errors too)
+        self.refused_blocks = 0     # blocks that did not verify (in errors too)
+        self.skipped = 0            # reads not asked of the cluster: no peer, or peer down
+
+
+class ClusterTier:
+    """A `BlockStore` in front of `store`; `run` (in the daemon's nursery) keeps the peer set
+    resolved and sends the fills."""
+
+    def __init__(self, store: BlockStore, url: ClusterURL | str, namespace: str, block_size: int,
+                 secret: bytes | None = None, connect_timeout: float = 0.05,
+                 read_timeout: float = 0.2, refresh: float = 30.0, fill_queue: int = 16,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.store = store
+        self.url = parse_cluster_url(url) if isinstance(url, str) else url
+        self.namespace = namespace
+        self.block_size = block_size
+        self.sealer = Sealer(secret)
+        self.connect_timeout = connect_timeout
+        self.read_timeout = read_timeout
+        self.fill_timeout = read_timeout * _FILL_TIMEOUT_FACTOR
+        self.refresh_interval = refresh
+        self.peers = PeerSet(self.url, clock)
+        self.counters = ClusterCounters()
+        self.keyed = secret is not None
+        # fill_queue 0: never fill (a node that only reads what others filled)
+        self._fill_send, self._fill_receive = trio.open_memory_channel[
+            tuple[str, Block, bool]](fill_queue)
+        self._fill_queue = fill_queue
+        self._hashers = trio.CapacityLimiter(8)
+
+    @staticmethod
+    def namespace_of(source_identity: str) -> str:
+        return cluster_namespace(source_identity)
+
+    # -- the read path --
+
+    async def read(self, key: str, etag: str, offset: int, length: int) -> Block:
+        """`length` bytes of version `etag` of `key` from `offset`: from the cluster when its
+        peer has the block and it verifies, else from the store (then filled in the cluster)."""
+        ckey = cluster_key(self.namespace, key, etag, offset, length, self.block_size)
+        peer = self.peers.pick(ckey)
+        refused = False
+        if peer is not None:
+            admitted = peer.admit()
+            if admitted is not False:
+                try:
+                    data = await self._get(peer, ckey, length, probe=admitted is None)
+                except BlockRefused:
+                    refused = True
+                else:
+                    if data is not None:
+                        self.counters.hits += 1
+                        self.counters.read_bytes += length
+                        return data
+            else:
+                self.counters.skipped += 1
+        else:
+            self.counters.skipped += 1
+        data = await self.store.read(key, etag, offset, length)
+        if peer is not None and self._fill_queue:
+            self._queue_fill(ckey, data, refused)
+        return data
+
+    async def _get(self, peer: Peer, ckey: str, length: int, probe: bool) -> Block | None:
+        """The verified block from `peer`, or None (a miss, or any failure: counted, logged
+        once per state change). Raises `BlockRefused` for a block that did not verify."""
+        try:
+            answer = await self._request(peer, self.read_timeout, 'get', ckey, length)
+        except PeerFailure as exc:
+            self.counters.errors += 1
+            peer.failed(str(exc), probe)
+            return None
+        except ServerRefused as exc:
+            self.counters.errors += 1
+            log.debug('cluster peer %s: %s', peer.name, exc)
+            peer.succeeded()
+            return None
+        finally:
+            if probe and peer.probing:      # cancelled: let a later request probe it
+                peer.probing = False
+        peer.succeeded()
+        if answer is None:
+            self.counters.misses += 1
+            return None
+        header, data = answer
+        try:
+            await self._hashing(self.sealer.check, ckey, header, data)
+        except BlockRefused as exc:
+            self.counters.errors += 1
+            self.counters.refused_blocks += 1
+            if not peer.refused_logged:
+                peer.refused_logged = True
+                log.warning('refused a block from cluster peer %s (%s); read from the store '
+                            'instead (further refused blocks are only counted: '
+                            'cluster_refused_blocks)', peer.name, exc)
+            raise
+        return data
+
+    async def _hashing(self, fn: Callable[..., Any], ckey: str, *buffers: Any) -> Any:
+        """`fn` (a checksum of a block) in a worker thread for blocks of 256 KiB or more:
+        hashlib releases the GIL, so checksums run beside the trio thread, which they would
+        hold for milliseconds per 4 MiB block (BLAKE2b: about 2-3 ms/MiB here)."""
+        if len(buffers[-1]) < _THREAD_HASHING:
+            return fn(ckey, *buffers)
+        return await trio.to_thread.run_sync(fn, ckey, *buffers, limiter=self._hashers)
+
+    async def _request(self, peer: Peer, timeout: float, what: str, *args: Any) -> Any:
+        """One request (a `MetaConnection` method) to `peer`: the connection within the connect
+        timeout, the whole answer within `timeout`. A pooled connection that fails is replaced
+        once by a new one (a restarted memcached leaves every pooled connection dead). Raises
+        `PeerFailure` or `ServerRefused`; the connection is dropped after any error."""
+        async with peer.slots:
+            connection: MetaConnection | None
+            connection, reused = await self._connection(peer)
+            try:
+                with trio.move_on_after(timeout):
+                    try:
+                        result = await getattr(connection, what)(*args)
+                    except PeerFailure:
+                        if not reused:
+                            raise
+                        connection.close()
+                        connection, reused = await self._connect(peer), False
+                        result = await getattr(connection, what)(*args)
+                    self._release(peer, connection)
+                    connection = None
+                    return result
+                self.counters.timeouts += 1
+                raise PeerFailure(f'no complete answer within {timeout * 1000:g} ms')
+            finally:
+                if connection is not None:
+                    connection.close()
+
+    async def _connection(self, peer: Peer) -> tuple[MetaConnection, bool]:
+        """(connection, reused): an idle connection to `peer` (newest first), else a new one
+        within the connect timeout. Raises `PeerFailure`."""
+        now = time.monotonic()
+        while peer.idle:
+            connection = peer.idle.pop()
+            if now - connection.idle_since > _MAX_IDLE_SECONDS or connection.readable():
+                connection.close()
+                continue
+            return connection, True
+        return await self._connect(peer), False
+
+    async def _connect(self, peer: Peer) -> MetaConnection:
+        with trio.move_on_after(self.connect_timeout):
+            try:
+                stream = await trio.open_tcp_stream(peer.ip, peer.port)
+            except OSError as exc:
+                raise PeerFailure(f'cannot connect: {exc.strerror or exc}') from None
+            return MetaConnection(stream)
+        self.counters.timeouts += 1
+        raise PeerFailure(f'no connection within {self.connect_timeout * 1000:g} ms')
+
+    @staticmethod
+    def _release(peer: Peer, connection: MetaConnection) -> None:
+        if peer.up and len(peer.idle) < _MAX_IDLE:
+            connection.idle_since = time.monotonic()
+            peer.idle.append(connection)
+        else:
+            connection.close()
+
+    # -- fills --
+
+    def _queue_fill(self, ckey: str, data: Block, replace: bool) -> None:
+        try:
+            self._fill_send.send_nowait((ckey, data, replace))
+        except trio.WouldBlock:
+            self.counters.fills_dropped += 1
+
+    async def _fill_worker(self) -> None:
+        async for ckey, data, replace in self._fill_receive:
+            await self._fill(ckey, data, replace)
+            del data
+
+    async def _fill(self, ckey: str, data: Block, replace: bool) -> None:
+        peer = self.peers.pick(ckey)        # again: the peer set may have changed meanwhile
+        if peer is None:
+            self.counters.fills_dropped += 1
+            return
+        admitted = peer.admit()
+        if admitted is False:
+            self.counters.fills_dropped += 1
+            return
+        header = await self._hashing(self.sealer.seal, ckey, data)
+        try:
+            stored = await self._request(peer, self.fill_timeout, 'add', ckey, header, data,
+                                         replace)
+        except PeerFailure as exc:
+            self.counters.fill_errors += 1
+            peer.failed(str(exc), admitted is None)
+            return
+        except ServerRefused as exc:
+            self.counters.fill_errors += 1
+            peer.succeeded()
+            if 'too large' in str(exc) and not peer.too_large_logged:
+                peer.too_large_logged = True
+                log.warning('cluster peer %s refuses blocks of %d bytes as too large: start '
+                            'memcached with -I larger than the block size (e.g. -I %dm)',
+                            peer.name, len(header) + len(data),
+                            max(2, 2 * math.ceil(self.block_size / (1 << 20))))
+            else:
+                log.debug('cluster peer %s did not store a block: %s', peer.name, exc)
+            return
+        finally:
+            if admitted is None and peer.probing:
+                peer.probing = False
+        peer.succeeded()
+        if stored:
+            self.counters.fills += 1
+            self.counters.fill_bytes += len(data)
+
+    # -- background --
+
+    async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Resolve the peers (again every `refresh_interval`), probe them, send the fills."""
+        async with trio.open_nursery() as nursery:
+            for _ in range(_FILL_WORKERS):
+                nursery.start_soon(self._fill_worker)
+            await self.peers.refresh()
+            await self._probe_all()
+            self._announce()
+            task_status.started()
+            while True:
+                await trio.sleep(self.refresh_interval)
+                await self.peers.refresh()
+                await self._probe_all(only_down=True)
+
+    def _announce(self) -> None:
+        peers = self.peers.peers
+        up = sum(peer.up for peer in peers)
+        if not peers or not up:
+            log.warning('cluster tier %s: no peer answers (%d known); blocks come from the '
+                        'store until one does', self.url, len(peers))
+        else:
+            log.info('cluster tier %s: %d peers, %d answering; blocks checked %s', self.url,
+                     len(peers), up, 'with the shared secret' if self.keyed
+                     else 'without a secret (integrity only)')
+
+    async def _probe_all(self, only_down: bool = False) -> None:
+        async with trio.open_nursery() as nursery:
+            for peer in self.peers.peers:
+                if only_down and peer.up:
+                    continue
+                nursery.start_soon(self._probe, peer)
+
+    async def _probe(self, peer: Peer) -> None:
+        admitted = peer.admit()
+        if admitted is False:
+            return
+        try:
+            await self._request(peer, self.read_timeout, 'noop')
+        except ClusterError as exc:
+            peer.failed(str(exc), admitted is None)
+        else:
+            peer.succeeded()
+        finally:
+            if admitted is None and peer.probing:
+                peer.probing = False
+
+    def stats(self) -> dict[str, Any]:
+        """The cluster's counters for `cachefs stats` and the metrics (read by the metrics
+        thread too: plain ints and a tuple replaced whole)."""
+        c = self.counters
+        peers = self.peers.peers
+        return {
+            'cluster_hits': c.hits,
+            'cluster_misses': c.misses,
+            'cluster_read_bytes': c.read_bytes,
+            'cluster_fills': c.fills,
+            'cluster_fill_bytes': c.fill_bytes,
+            'cluster_fills_dropped': c.fills_dropped,
+            'cluster_fill_errors': c.fill_errors,
+            'cluster_errors': c.errors,
+            'cluster_timeouts': c.timeouts,
+            'cluster_refused_blocks': c.refused_blocks,
+            'cluster_skipped': c.skipped,
+            'cluster_fill_queue': self._fill_send.statistics().current_buffer_used,
+            'cluster_peers': len(peers),
+            'cluster_peers_up': sum(peer.up for peer in peers),
+            'cluster_peer_states': {peer.name: 'up' if peer.up else 'down' for peer in peers},
+        }
