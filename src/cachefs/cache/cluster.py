@@ -159,9 +159,11 @@ class ClusterTier:
 
     async def _get(self, peer: Peer, ckey: str, length: int, probe: bool) -> Block | None:
         """The verified block from `peer`, or None (a miss, or any failure: counted, logged
-        once per state change). Raises `BlockRefused` for a block that did not verify."""
+        once per state change). Raises `BlockRefused` for a value that is not the block."""
         try:
             answer = await self._request(peer, self.read_timeout, 'get', ckey, length)
+            if answer is not None:
+                await self._hashing(self.sealer.check, ckey, *answer)
         except PeerFailure as exc:
             self.counters.errors += 1
             peer.failed(str(exc), probe)
@@ -171,17 +173,8 @@ class ClusterTier:
             log.debug('cluster peer %s: %s', peer.name, exc)
             peer.succeeded()
             return None
-        finally:
-            if probe and peer.probing:      # cancelled: let a later request probe it
-                peer.probing = False
-        peer.succeeded()
-        if answer is None:
-            self.counters.misses += 1
-            return None
-        header, data = answer
-        try:
-            await self._hashing(self.sealer.check, ckey, header, data)
         except BlockRefused as exc:
+            peer.succeeded()        # it answers: the block is bad, not the peer
             self.counters.errors += 1
             self.counters.refused_blocks += 1
             if not peer.refused_logged:
@@ -190,7 +183,14 @@ class ClusterTier:
                             'instead (further refused blocks are only counted: '
                             'cluster_refused_blocks)', peer.name, exc)
             raise
-        return data
+        finally:
+            if probe and peer.probing:      # cancelled: let a later request probe it
+                peer.probing = False
+        peer.succeeded()
+        if answer is None:
+            self.counters.misses += 1
+            return None
+        return answer[1]
 
     async def _hashing(self, fn: Callable[..., Any], ckey: str, *buffers: Any) -> Any:
         """`fn` (a checksum of a block) in a worker thread for blocks of 256 KiB or more:

@@ -25,9 +25,11 @@ The meta protocol client. One request per connection at a time, answers read wit
 a reply line is at most 1 KiB of printable ASCII ending in CRLF, with the opaque token (`O`) of
 the request; a value (`VA <size>`) must have exactly the size the reader expects (the header plus
 the block) before a byte of it is read, and must end in CRLF; nothing may follow a reply. Any
-other answer (garbage, a short or long value, another opaque, a close) raises `PeerFailure`, and
-the caller drops the connection. Values are received straight into the block's buffer
-(`ufs.block_buffers`), without an intermediate copy on plain TCP.
+other answer (garbage, a value cut short, another opaque, a close) raises `PeerFailure`, and the
+caller drops the connection; a value of another size raises `BlockRefused` (the peer answers,
+but not with the block asked for) and the connection is dropped too. Values are received
+straight into the block's buffer (`ufs.block_buffers`), without an intermediate copy on plain
+TCP.
 """
 
 from __future__ import annotations
@@ -310,9 +312,10 @@ class MetaConnection:
         if code != 'VA':
             raise PeerFailure(f'{code} to a get')
         if size != HEADER_SIZE + length:
-            # refused before a byte of it is read: a huge size never allocates anything
-            raise PeerFailure(f'a value of {size} bytes where {HEADER_SIZE + length} were '
-                              'expected')
+            # refused before a byte of it is read (a huge size allocates nothing); the caller
+            # drops the connection, whose unread value it cannot carry on after
+            raise BlockRefused(f'a value of {size} bytes where {HEADER_SIZE + length} were '
+                               'expected')
         header = bytearray(HEADER_SIZE)
         await self._exactly(memoryview(header))
         data = new_block_buffer(length)

@@ -1,0 +1,465 @@
+"""The cluster tier against a real memcached on loopback (started per module on a free port,
+stopped by PID): hits, misses and fills; forged and foreign blocks refused with the store's bytes
+served; dead, hanging, returning and restarted peers; the fill queue; items too large for a peer.
+
+The store under the tier is an in-memory stand-in that counts its reads (the tier's contract is
+cache/fetches.py's BlockStore); mounts with --cluster against real stores are in the rig's tests.
+"""
+
+import hashlib
+import logging
+import os
+import socket
+import subprocess
+import time
+from contextlib import asynccontextmanager
+from functools import partial
+
+import pytest
+import trio
+
+from cachefs.cache.cluster import ClusterTier, read_secret
+from cachefs.cache.cluster_protocol import MetaConnection, Sealer, cluster_key
+from cachefs.errors import UserError
+from conftest import free_port
+
+BLOCK = 1 << 20
+MEMCACHED = '/usr/bin/memcached'
+pytestmark = pytest.mark.skipif(not os.path.exists(MEMCACHED), reason='memcached not installed')
+
+
+class Memcached:
+    """One memcached on 127.0.0.1:`port`, started and stopped by this test process."""
+
+    def __init__(self, port=None, item_size='8m'):
+        self.port = port or free_port()
+        self.item_size = item_size
+        self.process = None
+
+    def start(self):
+        user = ['-u', 'nobody'] if os.geteuid() == 0 else []
+        self.process = subprocess.Popen(
+            [MEMCACHED, *user, '-l', '127.0.0.1', '-p', str(self.port), '-U', '0', '-m', '64',
+             '-I', self.item_size], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(('127.0.0.1', self.port), timeout=0.2).close()
+                return self
+            except OSError:
+                time.sleep(0.02)
+        self.stop()
+        raise RuntimeError(f'memcached did not start on port {self.port}')
+
+    def stop(self):
+        if self.process is not None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+            self.process = None
+
+    @property
+    def url(self):
+        return f'memcached://127.0.0.1:{self.port}'
+
+
+@pytest.fixture(scope='module')
+def memcached():
+    server = Memcached().start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def own_memcached():
+    server = Memcached()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def block_bytes(key, offset, length):
+    seed = hashlib.sha256(f'{key}@{offset}'.encode()).digest()
+    return (seed * (length // 32 + 1))[:length]
+
+
+class MemoryStore:
+    """The store under the tier: deterministic bytes per (key, offset), reads counted."""
+
+    def __init__(self):
+        self.reads = []
+
+    async def read(self, key, etag, offset, length):
+        self.reads.append((key, offset))
+        await trio.lowlevel.checkpoint()
+        return block_bytes(key, offset, length)
+
+
+def sha(data):
+    return hashlib.sha256(bytes(data)).hexdigest()
+
+
+NAMESPACE = ClusterTier.namespace_of('s3://bucket/test|')
+_unique = iter(range(10 ** 6))
+
+
+def new_key():
+    """A key no other test used: the module's memcached is shared."""
+    return f'train/shard-{os.getpid()}-{next(_unique):05d}'
+
+
+def make_tier(url, store=None, **kwargs):
+    kwargs.setdefault('connect_timeout', 0.2)
+    kwargs.setdefault('read_timeout', 0.5)
+    return ClusterTier(store or MemoryStore(), url, NAMESPACE, BLOCK, **kwargs)
+
+
+@asynccontextmanager
+async def running(tier):
+    async with trio.open_nursery() as nursery:
+        await nursery.start(tier.run)
+        yield tier
+        nursery.cancel_scope.cancel()
+
+
+async def wait_for(predicate, timeout=10):
+    with trio.fail_after(timeout):
+        while not predicate():
+            await trio.sleep(0.01)
+
+
+async def raw_set(server, ckey, value):
+    """Store `value` under `ckey` as anyone on the network could."""
+    stream = await trio.open_tcp_stream('127.0.0.1', server.port)
+    connection = MetaConnection(stream)
+    try:
+        assert await connection.add(ckey, value[:0], value, replace=True)
+    finally:
+        connection.close()
+
+
+# -- hits, misses, fills --
+
+async def test_a_block_read_from_the_store_is_filled_and_then_served_by_the_cluster(memcached):
+    key = new_key()
+    node_a, node_b = make_tier(memcached.url), make_tier(memcached.url)
+    async with running(node_a), running(node_b):
+        first = await node_a.read(key, '"e1"', 0, BLOCK)
+        assert node_a.store.reads == [(key, 0)]
+        assert node_a.counters.misses == 1
+        await wait_for(lambda: node_a.counters.fills == 1)
+        assert node_a.counters.fill_bytes == BLOCK
+        second = await node_b.read(key, '"e1"', 0, BLOCK)
+    assert node_b.store.reads == []                     # the other node never asked the store
+    assert sha(second) == sha(first) == sha(block_bytes(key, 0, BLOCK))
+    assert type(second) is bytearray and len(second) == BLOCK
+    stats = node_b.stats()
+    assert stats['cluster_hits'] == 1 and stats['cluster_read_bytes'] == BLOCK
+    assert stats['cluster_errors'] == 0 and stats['cluster_peers_up'] == 1
+    assert stats['cluster_peer_states'] == {f'127.0.0.1:{memcached.port}': 'up'}
+
+
+async def test_a_short_last_block_and_another_etag_are_blocks_of_their_own(memcached):
+    key = new_key()
+    node_a, node_b = make_tier(memcached.url), make_tier(memcached.url)
+    async with running(node_a), running(node_b):
+        await node_a.read(key, '"e1"', BLOCK, 1234)
+        await wait_for(lambda: node_a.counters.fills == 1)
+        assert sha(await node_b.read(key, '"e1"', BLOCK, 1234)) == sha(block_bytes(key, BLOCK,
+                                                                               1234))
+        await node_b.read(key, '"e2"', BLOCK, 1234)         # a new version: not the old bytes
+    assert node_b.counters.hits == 1 and node_b.counters.misses == 1
+    assert node_b.store.reads == [(key, BLOCK)]
+
+
+async def test_a_block_several_nodes_fill_is_stored_once(memcached):
+    key = new_key()
+    nodes = [make_tier(memcached.url) for _ in range(3)]
+    async with running(nodes[0]), running(nodes[1]), running(nodes[2]):
+        for node in nodes:
+            await node.read(key, '"e"', 0, BLOCK)
+        await wait_for(lambda: sum(n.counters.fills for n in nodes) >= 1
+                       and all(n.stats()['cluster_fill_queue'] == 0 for n in nodes))
+        await trio.sleep(0.1)
+    # the first read filled; the others found it (hits) or lost the add race, never a second copy
+    assert sum(n.counters.fills for n in nodes) == 1
+    assert sum(n.counters.fill_errors for n in nodes) == 0
+
+
+# -- forged and foreign blocks --
+
+def _forged(kind, key, ckey):
+    data = block_bytes(key, 0, BLOCK)
+    sealer = Sealer()
+    if kind == 'wrong data, right length':
+        wrong = bytearray(data)
+        wrong[BLOCK // 2] ^= 1
+        return sealer.seal(ckey, data) + bytes(wrong)
+    if kind == "a valid header with another key's checksum":
+        other = cluster_key(NAMESPACE, key, '"e1"', BLOCK, BLOCK, BLOCK)
+        return sealer.seal(other, data) + data
+    if kind == 'truncated value':
+        return (sealer.seal(ckey, data) + data)[:-1]
+    if kind == 'a header alone':
+        return sealer.seal(ckey, data)
+    if kind == 'not a cachefs block':
+        return os.urandom(BLOCK + 48)
+    raise AssertionError(kind)
+
+
+@pytest.mark.parametrize('kind', ['wrong data, right length',
+                                  "a valid header with another key's checksum",
+                                  'truncated value', 'a header alone', 'not a cachefs block'])
+async def test_a_forged_block_is_refused_and_the_store_bytes_served(memcached, kind, caplog):
+    key = new_key()
+    ckey = cluster_key(NAMESPACE, key, '"e1"', 0, BLOCK, BLOCK)
+    await raw_set(memcached, ckey, _forged(kind, key, ckey))
+    caplog.set_level(logging.WARNING, 'cachefs.cache')
+    node = make_tier(memcached.url)
+    async with running(node):
+        got = await node.read(key, '"e1"', 0, BLOCK)
+        assert sha(got) == sha(block_bytes(key, 0, BLOCK))
+        assert node.store.reads == [(key, 0)]
+        assert node.counters.refused_blocks == 1 and node.counters.hits == 0
+        assert node.peers.peers[0].up                   # the block is bad, not the peer
+        # the store's bytes replace the forged block in the cluster
+        await wait_for(lambda: node.counters.fills == 1)
+    again = make_tier(memcached.url)
+    async with running(again):
+        assert sha(await again.read(key, '"e1"', 0, BLOCK)) == sha(block_bytes(key, 0, BLOCK))
+    assert again.counters.hits == 1 and again.store.reads == []
+    refusals = [r for r in caplog.records if 'refused a block' in r.getMessage()]
+    assert len(refusals) == 1, [r.getMessage() for r in caplog.records]
+
+
+async def test_more_refused_blocks_are_counted_not_logged_again(memcached, caplog):
+    caplog.set_level(logging.WARNING, 'cachefs.cache')
+    node = make_tier(memcached.url, fill_queue=0)
+    keys = [new_key() for _ in range(3)]
+    for key in keys:
+        ckey = cluster_key(NAMESPACE, key, '"e"', 0, BLOCK, BLOCK)
+        await raw_set(memcached, ckey, _forged('wrong data, right length', key, ckey))
+    for key in keys:
+        assert sha(await node.read(key, '"e"', 0, BLOCK)) == sha(block_bytes(key, 0, BLOCK))
+    assert node.counters.refused_blocks == 3
+    assert len([r for r in caplog.records if 'refused a block' in r.getMessage()]) == 1
+
+
+async def test_a_block_filled_with_another_secret_or_none_is_refused(memcached, tmp_path):
+    ours, theirs = b'our-shared-secret-0123456789', b'their-secret-0123456789abc'
+    key = new_key()
+    filler = make_tier(memcached.url, secret=theirs)
+    async with running(filler):
+        await filler.read(key, '"e"', 0, BLOCK)
+        await wait_for(lambda: filler.counters.fills == 1)
+    for secret in (ours, None):
+        reader = make_tier(memcached.url, secret=secret, fill_queue=0)
+        got = await reader.read(key, '"e"', 0, BLOCK)
+        assert sha(got) == sha(block_bytes(key, 0, BLOCK))
+        assert reader.counters.refused_blocks == 1 and reader.store.reads == [(key, 0)]
+    same = make_tier(memcached.url, secret=theirs, fill_queue=0)
+    assert sha(await same.read(key, '"e"', 0, BLOCK)) == sha(block_bytes(key, 0, BLOCK))
+    assert same.counters.hits == 1 and same.store.reads == []
+
+
+def test_the_secret_file_must_exist_and_hold_16_bytes(tmp_path):
+    good = tmp_path / 'secret'
+    good.write_text('0123456789abcdef0123\n')
+    assert read_secret(str(good)) == b'0123456789abcdef0123'
+    short = tmp_path / 'short'
+    short.write_text('too short\n')
+    for path, message in ((short, 'at least 16 bytes'), (tmp_path / 'missing', 'No such file')):
+        with pytest.raises(UserError, match=message) as caught:
+            read_secret(str(path))
+        assert caught.value.exit_code == 2
+
+
+# -- dead, hanging, returning and restarted peers --
+
+def closed_port():
+    return free_port()          # nothing listens there: connections are refused
+
+
+async def test_a_peer_that_refuses_connections_is_skipped_after_one_try(caplog):
+    caplog.set_level(logging.WARNING, 'cachefs.cache')
+    node = make_tier(f'memcached://127.0.0.1:{closed_port()}', connect_timeout=0.05)
+    key = new_key()
+    for index in range(20):
+        got = await node.read(key, '"e"', index * BLOCK, BLOCK)
+        assert sha(got) == sha(block_bytes(key, index * BLOCK, BLOCK))
+    assert node.counters.errors == 1 and node.counters.skipped == 19
+    assert len(node.store.reads) == 20
+    downs = [r.getMessage() for r in caplog.records if 'is down' in r.getMessage()]
+    assert len(downs) == 1 and 'cannot connect' in downs[0], downs
+    assert list(node.stats()['cluster_peer_states'].values()) == ['down']
+
+
+async def test_a_peer_that_accepts_and_never_answers_costs_at_most_the_timeout_once(caplog):
+    caplog.set_level(logging.WARNING, 'cachefs.cache')
+    held = []
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(partial(trio.serve_tcp, partial(_hold, held=held), 0,
+                                                host='127.0.0.1'))
+        port = listeners[0].socket.getsockname()[1]
+        node = make_tier(f'memcached://127.0.0.1:{port}', read_timeout=0.2)
+        key = new_key()
+        started = trio.current_time()
+        got = await node.read(key, '"e"', 0, BLOCK)
+        first = trio.current_time() - started
+        assert sha(got) == sha(block_bytes(key, 0, BLOCK))
+        started = trio.current_time()
+        for index in range(1, 10):
+            await node.read(key, '"e"', index * BLOCK, BLOCK)
+        rest = trio.current_time() - started
+        nursery.cancel_scope.cancel()
+    # bounded by the read timeout (not a speed figure: the bound the option promises)
+    assert 0.2 <= first < 0.2 + 2.0, first
+    assert rest < 2.0, rest                    # skipped: no second wait for that peer
+    assert node.counters.timeouts == 1 and node.counters.skipped == 9
+    assert len([r for r in caplog.records if 'is down' in r.getMessage()]) == 1
+
+
+async def _hold(stream, held):
+    held.append(stream)
+    await trio.sleep_forever()
+
+
+class Clock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+async def test_a_peer_that_comes_back_is_used_again(own_memcached, caplog):
+    caplog.set_level(logging.WARNING, 'cachefs.cache')
+    clock = Clock()
+    node = make_tier(own_memcached.url, clock=clock)
+    key = new_key()
+    await node.read(key, '"e"', 0, BLOCK)                   # nothing listens yet
+    assert not node.peers.peers[0].up
+    own_memcached.start()
+    await node.read(key, '"e"', BLOCK, BLOCK)               # still skipped: within 5 s
+    assert node.counters.skipped == 1
+    clock.now += 5
+    async with running(node):
+        await node.read(key, '"e"', 2 * BLOCK, BLOCK)       # the probe: a miss, then filled
+        assert node.peers.peers[0].up and node.counters.misses == 1
+        await wait_for(lambda: node.counters.fills == 1)
+        got = await node.read(key, '"e"', 2 * BLOCK, BLOCK)
+    assert node.counters.hits == 1 and sha(got) == sha(block_bytes(key, 2 * BLOCK, BLOCK))
+    changes = [r.getMessage() for r in caplog.records if 'cluster peer' in r.getMessage()]
+    assert len(changes) == 2 and 'is down' in changes[0] and 'answers again' in changes[1], \
+        changes
+
+
+async def test_a_restarted_peer_costs_no_error_and_no_warning(own_memcached, caplog):
+    caplog.set_level(logging.WARNING, 'cachefs.cache')
+    own_memcached.start()
+    node = make_tier(own_memcached.url)
+    key = new_key()
+    async with running(node):
+        await node.read(key, '"e"', 0, BLOCK)
+        await wait_for(lambda: node.counters.fills == 1)
+        assert node.peers.peers[0].idle                     # a pooled connection
+        own_memcached.stop()
+        own_memcached.start()                               # empty, same port
+        got = await node.read(key, '"e"', 0, BLOCK)
+    assert sha(got) == sha(block_bytes(key, 0, BLOCK))
+    assert node.counters.errors == 0 and node.counters.misses == 2
+    assert node.peers.peers[0].up
+    assert not [r for r in caplog.records if 'cluster peer' in r.getMessage()]
+
+
+async def test_bytes_a_peer_sends_after_its_answer_are_never_taken_for_the_next(caplog):
+    """A scripted peer answers each get with a valid value followed by a forged one: the
+    connection is not reused for the next request, so the forged bytes are never read."""
+    key = new_key()
+    sealer = Sealer()
+    connections = []
+
+    async def peer(stream):
+        connections.append(stream)
+        request = b''
+        while b'\r\n' not in request:
+            request += await stream.receive_some(4096)
+        words = request.split()
+        ckey, opaque = words[1].decode(), int(words[3][1:])
+        offset = 0 if ckey == cluster_key(NAMESPACE, key, '"e"', 0, BLOCK, BLOCK) else BLOCK
+        data = block_bytes(key, offset, BLOCK)
+        value = sealer.seal(ckey, data) + data
+        await stream.send_all(b'VA %d O%d\r\n' % (len(value), opaque) + value + b'\r\n')
+        wrong = bytes(BLOCK)
+        forged = sealer.seal(ckey, wrong) + wrong
+        await stream.send_all(b'VA %d O%d\r\n' % (len(forged), opaque + 1) + forged + b'\r\n')
+        await trio.sleep_forever()
+
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(partial(trio.serve_tcp, peer, 0, host='127.0.0.1'))
+        port = listeners[0].socket.getsockname()[1]
+        node = make_tier(f'memcached://127.0.0.1:{port}', fill_queue=0)
+        first = await node.read(key, '"e"', 0, BLOCK)
+        await trio.sleep(0.1)                      # the forged answer has arrived by now
+        second = await node.read(key, '"e"', BLOCK, BLOCK)
+        nursery.cancel_scope.cancel()
+    assert sha(first) == sha(block_bytes(key, 0, BLOCK))
+    assert sha(second) == sha(block_bytes(key, BLOCK, BLOCK))
+    assert node.counters.hits == 2 and len(connections) == 2
+
+
+# -- fills --
+
+async def test_a_full_fill_queue_drops_fills_and_never_blocks_a_read(memcached):
+    node = make_tier(memcached.url, fill_queue=2)           # not running: nothing sends fills
+    key = new_key()
+    for index in range(6):
+        got = await node.read(key, '"e"', index * BLOCK, BLOCK)
+        assert sha(got) == sha(block_bytes(key, index * BLOCK, BLOCK))
+    stats = node.stats()
+    assert stats['cluster_fill_queue'] == 2 and stats['cluster_fills_dropped'] == 4
+
+
+async def test_a_node_with_fill_queue_0_only_reads(memcached):
+    node = make_tier(memcached.url, fill_queue=0)
+    async with running(node):
+        await node.read(new_key(), '"e"', 0, BLOCK)
+        await trio.sleep(0.1)
+    assert node.counters.fills == 0 and node.counters.fills_dropped == 0
+
+
+async def test_a_peer_whose_items_are_too_small_for_a_block_gets_one_warning(caplog):
+    caplog.set_level(logging.WARNING, 'cachefs.cache')
+    server = Memcached(item_size='1m').start()
+    try:
+        node = ClusterTier(MemoryStore(), server.url, NAMESPACE, 2 * BLOCK, connect_timeout=0.2,
+                           read_timeout=0.5)
+        key = new_key()
+        async with running(node):
+            for index in range(3):
+                got = await node.read(key, '"e"', index * 2 * BLOCK, 2 * BLOCK)
+                assert sha(got) == sha(block_bytes(key, index * 2 * BLOCK, 2 * BLOCK))
+            await wait_for(lambda: node.counters.fill_errors == 3)
+    finally:
+        server.stop()
+    assert node.peers.peers[0].up and node.counters.errors == 0
+    warnings = [r.getMessage() for r in caplog.records if 'too large' in r.getMessage()]
+    assert len(warnings) == 1 and '-I' in warnings[0], warnings
+
+
+async def test_a_cluster_that_answers_nowhere_at_mount_is_a_warning(caplog):
+    caplog.set_level(logging.INFO, 'cachefs.cache')
+    node = make_tier(f'memcached://127.0.0.1:{closed_port()},127.0.0.1:{closed_port()}',
+                     connect_timeout=0.05)
+    async with running(node):
+        key = new_key()
+        assert sha(await node.read(key, '"e"', 0, BLOCK)) == sha(block_bytes(key, 0, BLOCK))
+    assert any(r.levelno == logging.WARNING and 'no peer answers' in r.getMessage()
+               for r in caplog.records)
+    assert node.stats()['cluster_peers_up'] == 0
