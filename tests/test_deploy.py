@@ -28,7 +28,9 @@ import pytest
 
 from cachefs.cli import build_parser
 from cachefs.config import expand_dash_o
-from conftest import assert_tree_matches, clean_env, is_mounted, pid_alive, sha256_of, wait_until
+from cachefs.units import parse_size
+from conftest import (assert_tree_matches, clean_env, free_port, is_mounted, pid_alive, sha256_of,
+                      wait_until)
 
 ROOT = Path(__file__).parent.parent
 SYSTEMD = ROOT / 'packaging' / 'systemd'
@@ -807,3 +809,484 @@ def test_fluid_entrypoint_replaces_the_dead_mount_of_a_killed_fuse_container(
             assert sha256_of(target / relpath) == local_source.manifest[relpath][1]
     finally:
         stop_and_unmount(killed, target)
+
+
+# -- the cluster tier: memcached with extstore, its Service and NetworkPolicy, cachefs with
+# --cluster (deploy/cluster/, deploy/fluid/, packaging/systemd/cachefs-memcached.service) --
+
+CLUSTER = 'deploy/cluster/'
+MEMCACHED_UNIT = SYSTEMD / 'cachefs-memcached.service'
+MEMCACHED_PORT = 11211
+QUANTITY_UNITS = {'': 1, 'Ki': 1 << 10, 'Mi': 1 << 20, 'Gi': 1 << 30, 'Ti': 1 << 40,
+                  'k': 10 ** 3, 'M': 10 ** 6, 'G': 10 ** 9, 'T': 10 ** 12}
+
+
+def quantity(text):
+    """A Kubernetes memory quantity (`5Gi`, `512Mi`, `1G`) in bytes."""
+    number, unit = re.fullmatch(r'([0-9]+)([A-Za-z]*)', str(text)).groups()
+    return int(number) * QUANTITY_UNITS[unit]
+
+
+def cluster_documents():
+    """{kind: [document, ...]} of deploy/cluster/."""
+    kinds = {}
+    for name, document in load_manifests():
+        if name.startswith(CLUSTER):
+            kinds.setdefault(document['kind'], []).append(document)
+    return kinds
+
+
+def memcached_daemonset(kinds):
+    return next(d for d in kinds['DaemonSet'] if d['metadata']['name'] == 'cachefs-memcached')
+
+
+def cachefs_daemonset(kinds):
+    return next(d for d in kinds['DaemonSet'] if d['metadata']['name'] != 'cachefs-memcached')
+
+
+def labels_match(selector, labels):
+    """Whether a label selector (matchLabels only, the form these manifests use) selects
+    `labels`; an empty selector selects everything."""
+    assert set(selector) <= {'matchLabels'}, f'the test reads matchLabels only: {selector}'
+    return all(labels.get(key) == value
+               for key, value in selector.get('matchLabels', {}).items())
+
+
+def memcached_problems(argv, block_size):
+    """What is wrong with a memcached command line for the cluster tier; [] when nothing."""
+    problems = []
+    words = list(argv)
+    if Path(words[0]).name != 'memcached':
+        return [f'not memcached: {words[0]}']
+
+    def value(flag):
+        return words[words.index(flag) + 1] if flag in words else None
+    max_item = value('-I')
+    # an item is the block, its key and its header: -I must leave room for the last two
+    if max_item is None or parse_size(max_item) < block_size + 64 * 1024:
+        problems.append(f'-I {max_item} does not hold a block of {block_size} bytes')
+    if value('-m') is None or not value('-m').isdigit():
+        problems.append('-m (memory in MiB) is missing')
+    if value('-U') != '0':
+        problems.append('UDP is not off (-U 0)')
+    if value('-p') not in (None, str(MEMCACHED_PORT)):
+        problems.append(f'port {value("-p")} is not {MEMCACHED_PORT}')
+    settings = [item.split('=', 1) for flag, text in zip(words, words[1:]) if flag == '-o'
+                for item in text.split(',')]
+    names = [name for name, _ in settings]
+    if 'ext_path' not in names:
+        problems.append('no extstore (-o ext_path=FILE:SIZE)')
+    elif 'ext_page_size' not in names or names.index('ext_page_size') > names.index('ext_path'):
+        # memcached refuses ext_page_size after an ext_path
+        problems.append('ext_page_size does not come before ext_path')
+    ext = dict(settings)
+    if ext.get('ext_item_age') != '0':
+        problems.append('ext_item_age is not 0 (items may leave memory before the SSD)')
+    # memcached refuses to start otherwise (measured with 1.6.18): an item must fit one write
+    # buffer, and a page must be a whole number of write buffers (sizes in MiB)
+    page, buffer = int(ext.get('ext_page_size', 64)), int(ext.get('ext_wbuf_size', 4))
+    if max_item is not None and buffer << 20 < parse_size(max_item):
+        problems.append(f'ext_wbuf_size={buffer} (MiB) is smaller than -I {max_item}')
+    if page % buffer:
+        problems.append(f'ext_page_size={page} is not a multiple of ext_wbuf_size={buffer}')
+    return problems
+
+
+def memcached_memory(argv):
+    return int(argv[argv.index('-m') + 1]) << 20
+
+
+def ext_path(argv):
+    settings = dict(item.split('=', 1) for flag, text in zip(argv, argv[1:]) if flag == '-o'
+                    for item in text.split(','))
+    path, size = settings['ext_path'].rsplit(':', 1)
+    return path, parse_size(size)
+
+
+def network_policy_problems(policy, servers, clients):
+    """What is wrong with a NetworkPolicy meant to let the pods labelled `clients` (and no
+    others) reach the pods labelled `servers` on TCP 11211 (and no other port); [] when
+    nothing."""
+    spec = policy['spec']
+    problems = []
+    if not spec['podSelector'].get('matchLabels') or not labels_match(spec['podSelector'],
+                                                                      servers):
+        problems.append('does not select the memcached pods (or selects every pod)')
+    if 'Ingress' not in spec.get('policyTypes', ['Ingress']):
+        problems.append('does not restrict ingress')
+    for rule in spec.get('ingress', []):
+        if [(port.get('protocol', 'TCP'), port.get('port'), port.get('endPort'))
+                for port in rule.get('ports', [])] != [('TCP', MEMCACHED_PORT, None)]:
+            problems.append(f'admits ports other than TCP {MEMCACHED_PORT}: {rule.get("ports")}')
+        if not rule.get('from'):
+            problems.append('admits every source')
+        for peer in rule.get('from', []):
+            pods = peer.get('podSelector')
+            if 'ipBlock' in peer or not pods or not pods.get('matchLabels'):
+                problems.append(f'admits more than labelled pods: {peer}')
+            elif not labels_match(pods, clients):
+                problems.append(f'does not admit the cachefs pods: {peer}')
+            elif 'namespaceSelector' in peer and not peer['namespaceSelector'].get('matchLabels'):
+                problems.append(f'admits the labelled pods of every namespace: {peer}')
+    if not spec.get('ingress'):
+        problems.append('admits nothing')
+    return problems
+
+
+def secret_file_problems(pod, container, path, secret_name):
+    """What is wrong with `path` being the file of key `secret` of the Secret `secret_name`,
+    mounted read-only into `container`, readable by its owner only; [] when nothing."""
+    volumes = {volume['name']: volume for volume in pod['volumes']}
+    for mount in container['volumeMounts']:
+        folder = mount['mountPath'].rstrip('/') + '/'
+        secret = volumes[mount['name']].get('secret')
+        if not path.startswith(folder) or secret is None:
+            continue
+        problems = []
+        if secret['secretName'] != secret_name:
+            problems.append(f'{path} is from Secret {secret["secretName"]}, not {secret_name}')
+        files = {item['path']: item['key'] for item in secret.get('items', [])} or None
+        name = path[len(folder):]
+        if (files or {}).get(name, None if files else name) != 'secret':
+            problems.append(f'{path} is not the key `secret` of the Secret')
+        if secret.get('defaultMode', 0o644) & 0o077:
+            problems.append(f'{path} is readable by others (defaultMode '
+                            f'{oct(secret.get("defaultMode", 0o644))})')
+        if not mount.get('readOnly'):
+            problems.append(f'{folder} is mounted writable')
+        if secret.get('optional'):
+            problems.append('the Secret is optional: cachefs would start without its key')
+        return problems
+    return [f'{path} is on no Secret volume of the container']
+
+
+def cluster_checks(kinds):
+    """Every problem of deploy/cluster/ as loaded (or as a test broke it); [] when none."""
+    memcached, cachefs = memcached_daemonset(kinds), cachefs_daemonset(kinds)
+    server_pod = memcached['spec']['template']
+    client_pod = cachefs['spec']['template']
+    server_labels = server_pod['metadata']['labels']
+    client_labels = client_pod['metadata']['labels']
+    container = server_pod['spec']['containers'][0]
+    argv = container['command'] + container['args']
+    client = client_pod['spec']['containers'][0]
+    command = cachefs_command(client)
+    problems = memcached_problems(argv, command.block_size)
+    # memory: the limit holds -m plus connections, hash table and extstore write buffers
+    limit = quantity(container['resources']['limits']['memory'])
+    if not problems and limit < memcached_memory(argv) + (512 << 20):
+        problems.append(f'memory limit {limit} leaves less than 512 MiB above -m')
+    if not problems:
+        folder = str(Path(ext_path(argv)[0]).parent)
+        mount = next((m for m in container['volumeMounts'] if m['mountPath'] == folder), None)
+        volume = mount and next(v for v in server_pod['spec']['volumes']
+                                if v['name'] == mount['name'])
+        if not volume or 'hostPath' not in volume:
+            problems.append(f'the extstore folder {folder} is not on the node (hostPath)')
+    for probe in ('readinessProbe', 'livenessProbe'):
+        port = container.get(probe, {}).get('tcpSocket', {}).get('port')
+        if port not in ('memcache', MEMCACHED_PORT):
+            problems.append(f'no {probe} on the port')
+    service = next(s for s in kinds['Service'] if labels_match(
+        {'matchLabels': s['spec']['selector']}, server_labels))
+    if service['spec'].get('clusterIP') != 'None':
+        problems.append('the Service is not headless (clusterIP: None)')
+    # the URL names the headless Service by its cluster DNS name, on the memcached port
+    url = re.fullmatch(r'memcached://([^:/]+):(\d+)', command.cluster or '')
+    expected = f'{service["metadata"]["name"]}.{service["metadata"]["namespace"]}' \
+        '.svc.cluster.local'
+    if not url or url.groups() != (expected, str(MEMCACHED_PORT)):
+        problems.append(f'--cluster {command.cluster} is not memcached://{expected}:11211')
+    problems += secret_file_problems(client_pod['spec'], client, command.cluster_secret_file or '',
+                                     'cachefs-cluster')
+    policies = [p for p in kinds['NetworkPolicy']
+                if labels_match(p['spec']['podSelector'], server_labels)]
+    if not policies:
+        problems.append('no NetworkPolicy selects the memcached pods')
+    for policy in policies:
+        problems += network_policy_problems(policy, server_labels, client_labels)
+        if 'Egress' not in policy['spec'].get('policyTypes', []) or policy['spec'].get('egress'):
+            problems.append('memcached may open connections (egress is not denied)')
+    return problems
+
+
+def test_cluster_manifests_run_memcached_with_extstore_behind_a_policy_and_cachefs_with_it():
+    assert cluster_checks(cluster_documents()) == []
+
+
+def _memcached_container(kinds):
+    return memcached_daemonset(kinds)['spec']['template']['spec']['containers'][0]
+
+
+def _swap_ext_options(kinds):
+    args = _memcached_container(kinds)['args']
+    index = next(i for i, arg in enumerate(args) if 'ext_path=' in arg)
+    items = args[index].split(',')
+    items.insert(0, items.pop())
+    args[index] = ','.join(items)
+
+
+def _set_memcached_arg(flag, value):
+    def edit(kinds):
+        args = _memcached_container(kinds)['args']
+        args[args.index(flag) + 1] = value
+    return edit
+
+
+def _policy(kinds):
+    return next(p for p in kinds['NetworkPolicy']
+                if p['metadata']['name'] == 'cachefs-memcached')['spec']
+
+
+def _replace_in_cachefs(old, new):
+    def edit(kinds):
+        args = cachefs_daemonset(kinds)['spec']['template']['spec']['containers'][0]['args']
+        assert old in args[0]
+        args[0] = args[0].replace(old, new)
+    return edit
+
+
+def _secret_volume(kinds):
+    return next(v for v in cachefs_daemonset(kinds)['spec']['template']['spec']['volumes']
+                if 'secret' in v)['secret']
+
+
+# one mistake each, made in a copy of deploy/cluster/
+BROKEN_CLUSTER = {
+    'ext_path before ext_page_size': _swap_ext_options,
+    '-I no larger than a block': _set_memcached_arg('-I', '4m'),
+    'write buffers smaller than -I': _set_memcached_arg('-I', '32m'),
+    'UDP on': _set_memcached_arg('-U', '11211'),
+    'memory limit at -m': lambda k: _memcached_container(k)['resources']['limits'].update(
+        memory='4Gi'),
+    'no readiness probe': lambda k: _memcached_container(k).pop('readinessProbe'),
+    'a second port admitted': lambda k: _policy(k)['ingress'][0]['ports'].append(
+        {'protocol': 'TCP', 'port': 22}),
+    'every pod admitted': lambda k: _policy(k)['ingress'][0]['from'].append({'podSelector': {}}),
+    'an address range admitted': lambda k: _policy(k)['ingress'][0]['from'].append(
+        {'ipBlock': {'cidr': '0.0.0.0/0'}}),
+    'another label admitted': lambda k: _policy(k)['ingress'][0]['from'][0]['podSelector'][
+        'matchLabels'].update({'cachefs-cluster': 'other'}),
+    'egress allowed': lambda k: _policy(k).update(egress=[{}]),
+    'the policy selects other pods': lambda k: _policy(k)['podSelector']['matchLabels'].update(
+        app='other'),
+    'a Service with a cluster IP': lambda k: k['Service'][0]['spec'].pop('clusterIP'),
+    'the wrong Service name': _replace_in_cachefs('cachefs-memcached.cachefs',
+                                                  'memcached.cachefs'),
+    'no --cluster': _replace_in_cachefs(
+        '--cluster memcached://cachefs-memcached.cachefs.svc.cluster.local:11211', ''),
+    'no --cluster-secret-file': _replace_in_cachefs(
+        '--cluster-secret-file /etc/cachefs/cluster/secret', ''),
+    'a secret file outside the Secret': _replace_in_cachefs('/etc/cachefs/cluster/secret',
+                                                           '/etc/cachefs/secret'),
+    'a secret readable by all': lambda k: _secret_volume(k).update(defaultMode=0o644),
+    'an optional secret': lambda k: _secret_volume(k).update(optional=True),
+}
+
+
+@pytest.mark.parametrize('mistake', BROKEN_CLUSTER)
+def test_cluster_checks_fail_on_a_copy_with_one_mistake(mistake):
+    kinds = json.loads(json.dumps(cluster_documents()))
+    BROKEN_CLUSTER[mistake](kinds)
+    assert cluster_checks(kinds) != []
+
+
+def unit_environment(unit):
+    return dict(value.split('=', 1) for key, value in unit.get('Service', [])
+                if key == 'Environment')
+
+
+def memcached_unit_argv(**overrides):
+    unit = read_unit(MEMCACHED_UNIT)
+    env = dict(unit_environment(unit), **overrides)
+    return expand_command(unit_value(unit, 'Service', 'ExecStart'), env, '/')
+
+
+def test_memcached_unit_runs_memcached_with_extstore_as_its_own_confined_user():
+    unit = read_unit(MEMCACHED_UNIT)
+    argv = memcached_unit_argv()
+    assert memcached_problems(argv, 4 << 20) == []
+    path, _ = ext_path(argv)
+    cache = unit_value(unit, 'Service', 'CacheDirectory')
+    assert Path(path).parent == Path('/var/cache') / cache
+    assert unit_value(unit, 'Service', 'CacheDirectoryMode') == '0700'
+    assert str(Path(path).parent) in unit_value(unit, 'Unit', 'RequiresMountsFor').split()
+    user = unit_value(unit, 'Service', 'User')
+    sysusers = (SYSTEMD / 'cachefs-memcached.sysusers').read_text()
+    assert re.search(rf'^u {re.escape(user)} ', sysusers, re.M)
+    hardening = {'NoNewPrivileges': 'yes', 'ProtectSystem': 'strict', 'PrivateDevices': 'yes',
+                 'CapabilityBoundingSet': '', 'RestrictNamespaces': 'yes',
+                 'IPAddressDeny': 'any'}
+    assert {key: unit_value(unit, 'Service', key) for key in hardening} == hardening
+    # the memory limit holds -m and about 1 GiB more
+    assert parse_size(unit_value(unit, 'Service', 'MemoryMax')) >= memcached_memory(argv) + (
+        512 << 20)
+
+
+def test_memcached_unit_checks_fail_on_a_broken_command_line():
+    argv = memcached_unit_argv()
+    index = argv.index('-o') + 1
+    swapped = argv[:index] + [','.join(reversed(argv[index].split(',')))] + argv[index + 1:]
+    assert memcached_problems(swapped, 4 << 20) != []
+    assert memcached_problems(memcached_unit_argv(MAX_ITEM='4m'), 4 << 20) != []
+
+
+def test_memcached_unit_passes_systemd_analyze_verify_and_security(tmp_path):
+    if not shutil.which('systemd-analyze'):
+        pytest.skip('systemd-analyze is absent')
+    if not Path('/usr/bin/memcached').exists():
+        pytest.skip('/usr/bin/memcached is absent (verify checks that ExecStart exists)')
+    unit = tmp_path / MEMCACHED_UNIT.name
+    shutil.copy(MEMCACHED_UNIT, unit)
+    result = subprocess.run(['systemd-analyze', 'verify', str(unit)], capture_output=True,
+                            text=True, timeout=60, cwd=tmp_path)
+    complaints = [line for line in result.stderr.splitlines()
+                  if str(tmp_path) in line or unit.name in line]
+    assert (result.returncode, complaints) == (0, []), result.stderr
+    # "exposure" from 0 (locked down) to 10 (unprotected), the threshold in tenths: the unit is
+    # at 1.3 (Debian's own memcached.service: 4.8)
+    result = subprocess.run(['systemd-analyze', 'security', '--offline=yes', '--threshold=20',
+                             str(unit)], capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr
+
+
+def memcached_call(sock, request, until):
+    sock.sendall(request)
+    answer = b''
+    while not answer.endswith(until):
+        chunk = sock.recv(1 << 20)
+        assert chunk, answer[-200:]
+        answer += chunk
+    return answer
+
+
+def memcached_argv_of(where, folder, port):
+    """The memcached command line of the unit or of the DaemonSet, with small sizes, a free
+    port on loopback and the extstore file in `folder`."""
+    if where == 'unit':
+        argv = memcached_unit_argv(MEMORY_MB='64', LISTEN='127.0.0.1',
+                                   EXTSTORE=f'{folder}/extstore:256M')
+    else:
+        container = _memcached_container(cluster_documents())
+        argv = container['command'] + container['args'] + ['-l', '127.0.0.1']
+        argv[argv.index('-m') + 1] = '64'
+        argv = [re.sub(r'ext_path=[^,]*', f'ext_path={folder}/extstore:256M', word)
+                for word in argv]
+    argv[argv.index('-p') + 1] = str(port)
+    return argv
+
+
+@pytest.mark.parametrize('where', ['unit', 'daemonset'])
+def test_memcached_command_line_keeps_a_sealed_block_in_extstore(where, tmp_path):
+    """The command line of the unit (ExecStart) and of the DaemonSet, as they are but for the
+    sizes, the port and the folder: memcached starts and returns a block of the default block
+    size, sealed (48-byte header) under a cluster key (62 characters), intact."""
+    if not Path('/usr/bin/memcached').exists():
+        pytest.skip('/usr/bin/memcached is absent (Debian package memcached)')
+    folder = Path(tempfile.mkdtemp(prefix='cachefs-extstore-'))
+    port = free_port()
+    argv = memcached_argv_of(where, folder, port)
+    if os.geteuid() == 0:
+        # memcached refuses to run as root; systemd and the image run it as its own user
+        shutil.chown(folder, 'nobody')
+        argv += ['-u', 'nobody']
+    log = tmp_path / 'memcached.log'
+    value = os.urandom(48 + (4 << 20))
+    key = b'cfs1:' + b'0' * 57
+    with open(log, 'w') as log_file:
+        process = subprocess.Popen(argv, stdout=log_file, stderr=log_file)
+    try:
+        assert wait_until(lambda: process.poll() is not None or _port_open(port), timeout=30)
+        assert process.poll() is None, log.read_text()
+        with socket.create_connection(('127.0.0.1', port), timeout=30) as sock:
+            stored = memcached_call(sock, b'set %s 0 0 %d\r\n%s\r\n' % (key, len(value), value),
+                                    b'\r\n')
+            assert stored == b'STORED\r\n', stored
+            answer = memcached_call(sock, b'get %s\r\n' % key, b'END\r\n')
+        header = b'VALUE %s 0 %d\r\n' % (key, len(value))
+        assert answer == header + value + b'\r\nEND\r\n'
+        assert (folder / 'extstore').exists()
+    finally:
+        process.kill()
+        process.wait(timeout=30)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _port_open(port):
+    try:
+        socket.create_connection(('127.0.0.1', port), timeout=1).close()
+        return True
+    except OSError:
+        return False
+
+
+def test_service_example_shows_the_cluster_tier_with_cachefs_options():
+    line = next(line for line in ENV_EXAMPLE.read_text().splitlines()
+                if line.startswith('#CACHEFS_OPTIONS=') and '--cluster' in line)
+    options = parse_cachefs_mount(['s3://bucket', '/mnt/training',
+                                   *line.split('=', 1)[1].split()])
+    assert options.cluster.startswith('memcached://')
+    assert options.cluster_secret_file.startswith('/etc/cachefs/')
+
+
+# -- the cluster tier through Fluid --
+
+def fluid_config_for(dataset, runtime):
+    """config.json and MOUNT_OPTIONS as Fluid's ThinRuntime writes them for `dataset` (with its
+    default configmap config storage: an encryptOption becomes the path of the Secret's file)."""
+    mount = dict(dataset['spec']['mounts'][0])
+    options = dict(mount.get('options', {}))
+    for option in mount.pop('encryptOptions', []):
+        ref = option['valueFrom']['secretKeyRef']
+        options[option['name']] = f'/etc/fluid/secrets/{ref["name"]}/{ref["key"]}'
+    mount['options'] = options
+    fuse_options = dict(fluid_profile()['spec']['fuse'].get('options', {}),
+                        **runtime['spec']['fuse'].get('options', {}))
+    config = {'mounts': [mount], 'runtimeOptions': runtime['spec']['fuse'].get('options', {}),
+              'targetPath': f'/runtime-mnt/thin/default/{dataset["metadata"]["name"]}/thin-fuse',
+              'accessModes': dataset['spec']['accessModes']}
+    mount_options = ','.join(f'{k}={v}' if v else k for k, v in fuse_options.items())
+    return config, {'MOUNT_OPTIONS': mount_options}
+
+
+def test_fluid_cluster_dataset_mounts_with_the_cluster_and_its_secret_file():
+    documents = documents_of('deploy/fluid/dataset-cluster.yaml')
+    dataset = next(d for d in documents if d['kind'] == 'Dataset')
+    runtime = next(d for d in documents if d['kind'] == 'ThinRuntime')
+    argv, env = load_entrypoint().build_command(*fluid_config_for(dataset, runtime))
+    options = parse_cachefs_mount(argv[3:])
+    kinds = cluster_documents()
+    service = kinds['Service'][0]['metadata']
+    assert options.cluster == (f'memcached://{service["name"]}.{service["namespace"]}'
+                               f'.svc.cluster.local:{MEMCACHED_PORT}')
+    assert options.cluster_secret_file == '/etc/fluid/secrets/cachefs-cluster/secret'
+    assert 'AWS_SECRET_ACCESS_KEY' in env
+    # a pod network address, which the NetworkPolicy can tell from the node's other pods
+    assert runtime['spec']['fuse']['networkMode'] == 'ContainerNetwork'
+    # the labels Fluid gives the runtime's fuse pods, in the Dataset's namespace
+    fuse_pod = {'role': 'thin-fuse', 'release': runtime['metadata']['name'], 'app': 'thin'}
+    namespace = {'kubernetes.io/metadata.name': dataset['metadata'].get('namespace', 'default')}
+    policy = documents_of('deploy/fluid/cluster-networkpolicy.yaml')[0]
+    server_labels = memcached_daemonset(kinds)['spec']['template']['metadata']['labels']
+    assert policy['metadata']['namespace'] == service['namespace']
+    assert network_policy_problems(policy, server_labels, fuse_pod) == []
+    assert all(labels_match(peer['namespaceSelector'], namespace)
+               for rule in policy['spec']['ingress'] for peer in rule['from'])
+
+
+def test_fluid_entrypoint_writes_an_inline_cluster_secret_to_a_private_file(tmp_path,
+                                                                            monkeypatch):
+    """Fluid's secret config storage puts the key itself in config.json: it goes to a file that
+    only the fuse container's user can read, and never onto the command line."""
+    entrypoint = load_entrypoint()
+    monkeypatch.setattr(entrypoint, 'PRIVATE_DIR', str(tmp_path))
+    config = {'mounts': [{'mountPoint': 's3://bucket/train', 'options': {
+                  'cluster': 'memcached://memcached.cachefs.svc.cluster.local:11211',
+                  'cluster_secret_file': 'f00dfeed' * 8}}],
+              'targetPath': '/runtime-mnt/thin/default/imagenet/thin-fuse'}
+    argv, _ = entrypoint.build_command(config, {})
+    assert not any('f00dfeed' in word for word in argv)
+    path = Path(parse_cachefs_mount(argv[3:]).cluster_secret_file)
+    assert path.parent == tmp_path
+    assert path.read_text() == 'f00dfeed' * 8
+    assert path.stat().st_mode & 0o777 == 0o600

@@ -22,6 +22,12 @@ upper case, which boto3 and oss2 read; its value is read from the file when Flui
 under /etc/fluid/secrets/ (encryptOptions in Fluid's default configmap mode). Every other option
 goes to cachefs as `-o name=value`, so a misspelt one stops the mount with cachefs's exit code 2.
 
+`cluster_secret_file` (the cluster tier's shared key, docs/cluster.md) is a Dataset
+encryptOption too: Fluid passes the path of the Secret's file, which goes to cachefs as it is,
+or, with Fluid's secret config storage, the key itself, which this script writes to a file only
+its user can read (in /dev/shm: memory, not the container's disk) and passes that file's path,
+so that the key never appears on a command line. A value that starts with `/` is a path.
+
 Exactly one Dataset mount is supported: cachefs mounts one source. A `local:///path` mount point
 is the local folder /path (Fluid bind-mounts it into the fuse container).
 """
@@ -33,10 +39,14 @@ import os
 import shlex
 import subprocess
 import sys
+import tempfile
 
 CONFIG_PATHS = ('/etc/fluid/config/config.json', '/etc/fluid/config.json')
 SECRETS_DIR = '/etc/fluid/secrets/'
 ENV_PREFIXES = ('aws_', 'oss_')
+# options whose value names a file that holds a secret (see the module docstring)
+SECRET_FILE_OPTIONS = ('cluster_secret_file',)
+PRIVATE_DIR = '/dev/shm'
 EXIT_USAGE = 2
 
 
@@ -69,6 +79,18 @@ def _secret_value(value):
     return value
 
 
+def _secret_file(value):
+    """The path of the file that holds a secret: `value` itself when it is a path, else a new
+    file (mode 0600) that holds `value`."""
+    if value.startswith('/'):
+        return value
+    folder = PRIVATE_DIR if os.path.isdir(PRIVATE_DIR) else None
+    fd, path = tempfile.mkstemp(prefix='cachefs-secret-', dir=folder)
+    with os.fdopen(fd, 'w') as f:
+        f.write(value)
+    return path
+
+
 def build_command(config, environ):
     """(argv, extra environment) of the cachefs command for `config`."""
     mounts = config.get('mounts') or []
@@ -95,6 +117,8 @@ def build_command(config, environ):
         key = name.strip().lower().replace('-', '_')
         if key.startswith(ENV_PREFIXES):
             env[key.upper()] = _secret_value(str(value))
+        elif key in SECRET_FILE_OPTIONS and value not in ('', None):
+            argv += ['-o', f'{key}={_secret_file(str(value))}']
         elif value in ('', None):
             argv += ['-o', key]
         else:
