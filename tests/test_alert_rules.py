@@ -17,6 +17,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import free_port, live_metrics
+from support.memcached_server import dead_address, memcached_server
 
 ROOT = Path(__file__).parent.parent
 PROMETHEUS = ROOT / 'deploy' / 'prometheus'
@@ -169,11 +170,15 @@ def scrape(port):
 
 
 def test_every_metric_the_rules_read_is_served_by_a_live_mount(local_source, mounter):
+    """The cluster tier on (one memcached, one peer that refuses connections), so that its
+    metrics are served too."""
     port = free_port()
-    mounted = mounter.mount(local_source, '--metrics-addr', f'127.0.0.1:{port}')
-    path = next(p for p in sorted(mounted.path.rglob('*')) if p.is_file())
-    path.read_bytes()
-    served = scrape(port)
+    with memcached_server() as peer:
+        mounted = mounter.mount(local_source, '--metrics-addr', f'127.0.0.1:{port}',
+                                '--cluster', f'memcached://{peer},{dead_address()}')
+        path = next(p for p in sorted(mounted.path.rglob('*')) if p.is_file())
+        path.read_bytes()
+        served = scrape(port)
     rules = rules_of(load_yaml(RULES)['groups'])
     recorded = {rule['record'] for rule in rules if 'record' in rule}
     missing = {}

@@ -10,6 +10,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import drop_page_cache, free_port, live_metrics
+from support.memcached_server import dead_address, memcached_server
 
 DASHBOARD = Path(__file__).resolve().parent.parent / 'deploy' / 'grafana' / \
     'cachefs-dashboard.json'
@@ -99,18 +100,22 @@ def served_samples(port):
 @pytest.mark.fuse
 def test_every_metric_the_dashboard_uses_is_served_by_a_live_mount(local_source, mounter):
     """Names as Prometheus stores them (counters' _total, histograms' _bucket/_sum/_count), and
-    each label value a query matches exactly (tier="disk", op="read") on at least one sample."""
+    each label value a query matches exactly (tier="disk", op="read") on at least one sample.
+    The second mount has the cluster tier on (one memcached, one peer that refuses
+    connections), so that the cluster panels' metrics are served too."""
     first = mounter.mount(local_source)
     (first.path / 'five_and_a_half_blocks.bin').read_bytes()
     mounter.umount(first)                   # its blocks go to the SSD tier
     drop_page_cache()
     port = free_port()
-    mounted = mounter.mount(local_source, '--metrics-addr', f'127.0.0.1:{port}')
-    (mounted.path / 'five_and_a_half_blocks.bin').read_bytes()       # from the SSD
-    (mounted.path / 'one_block_plus_one.bin').read_bytes()           # from the store
-    drop_page_cache()
-    (mounted.path / 'one_block_plus_one.bin').read_bytes()           # from memory
-    served = served_samples(port)
+    with memcached_server() as peer:
+        mounted = mounter.mount(local_source, '--metrics-addr', f'127.0.0.1:{port}',
+                                '--cluster', f'memcached://{peer},{dead_address()}')
+        (mounted.path / 'five_and_a_half_blocks.bin').read_bytes()       # from the SSD
+        (mounted.path / 'one_block_plus_one.bin').read_bytes()           # from the store
+        drop_page_cache()
+        (mounted.path / 'one_block_plus_one.bin').read_bytes()           # from memory
+        served = served_samples(port)
     read_bytes = {labels['tier'] for labels in served['cachefs_read_bytes_total']}
     assert read_bytes == {'memory', 'disk', 'store'}
     used = set()
@@ -123,4 +128,5 @@ def test_every_metric_the_dashboard_uses_is_served_by_a_live_mount(local_source,
                 assert any(labels.get(label) == value for labels in served[name]), \
                     f'{where}: no {name} sample has {label}="{value}"'
     assert {'cachefs_read_bytes_total', 'cachefs_disk_offline',
-            'cachefs_fuse_op_latency_seconds_bucket'} <= used
+            'cachefs_fuse_op_latency_seconds_bucket', 'cachefs_cluster_hits_total',
+            'cachefs_cluster_peer_up'} <= used
