@@ -14,14 +14,20 @@ from support.cluster_rig import ClusterRig, process_alive
 pytestmark = pytest.mark.skipif(cluster_rig.unavailable() is not None,
                                 reason=cluster_rig.unavailable() or '')
 
+# run in a node: sets and gets one key on the memcached at argv[1] (text protocol, no client)
 PROBE = '''
-import sys
-from pymemcache.client.base import Client
-address, key = sys.argv[1], sys.argv[2]
-host, port = address.rsplit(':', 1)
-client = Client((host, int(port)), connect_timeout=2, timeout=5, default_noreply=False)
-assert client.set(key, key.encode() * 1000)
-print(len(client.get(key)))
+import socket, sys
+host, port = sys.argv[1].rsplit(':', 1)
+key, value = sys.argv[2].encode(), sys.argv[2].encode() * 1000
+with socket.create_connection((host, int(port)), timeout=5) as sock:
+    sock.sendall(b'set %s 0 0 %d\\r\\n%s\\r\\n' % (key, len(value), value))
+    assert sock.recv(100) == b'STORED\\r\\n'
+    sock.sendall(b'get %s\\r\\n' % key)
+    answer = b''
+    while not answer.endswith(b'END\\r\\n'):
+        answer += sock.recv(65536)
+assert answer.split(b'\\r\\n')[1] == value
+print(len(value))
 '''
 
 

@@ -56,10 +56,13 @@ STATE_DIR = Path('/run/cachefs-rig')
 MEMCACHED_PORT = 11211
 NAME_PREFIX = 'cfr'                  # cfr<6 hex>: 9 bytes, + '-br' / '-h0' / '-n0' fits 15
 
-# Measured in DESIGN.md to keep large items: 64 MiB pages, 16 MiB write buffers, 4 I/O threads,
-# flush at once. Smaller pages evict less at a time; the rig may pass its own.
+# Measured to keep large items (DESIGN.md; docs/cluster.md): 64 MiB pages, 16 MiB write buffers,
+# 4 I/O threads, flush at once, and the flusher asleep at most 10 ms: at its default (1 s) sets
+# of 4 MiB items at a few hundred MiB/s fill the RAM before it wakes, and memory evicts items it
+# never wrote (128 MiB of RAM kept 50 of 64 items; with 10 ms, 128 of 128, and it costs ~1% of a
+# core when idle; 100 us cost 15%).
 EXTSTORE_OPTIONS = {'ext_page_size': 64, 'ext_wbuf_size': 16, 'ext_threads': 4,
-                    'ext_item_age': 0}
+                    'ext_item_age': 0, 'ext_max_sleep': 10000}
 
 
 def process_alive(pid):
@@ -208,6 +211,19 @@ class Engine:
     def restart(self):
         self.kill()
         return self.start()
+
+    def memcached_stats(self, timeout=5.0):
+        """memcached's `stats` as {name: text} (this engine must be a memcached)."""
+        with socket.create_connection((self.node.ip, self.port), timeout=timeout) as sock:
+            sock.sendall(b'stats\r\n')
+            answer = b''
+            while not answer.endswith(b'END\r\n'):
+                chunk = sock.recv(65536)
+                if not chunk:
+                    raise ConnectionError('memcached closed the connection')
+                answer += chunk
+        return {parts[1]: parts[2] for parts in (line.split(' ', 2) for line in
+                answer.decode().splitlines()) if len(parts) == 3 and parts[0] == 'STAT'}
 
     def rss(self):
         """Resident memory of the engine process, bytes."""
