@@ -10,7 +10,7 @@ import logging
 import statistics
 from collections import defaultdict
 
-from .scenarios import COLD_ROWS, ROWS
+from .scenarios import COLD_ROWS, OBJECT_ROWS, ROWS
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +42,10 @@ def aggregate(samples):
     return result
 
 
+def _stopped(figure):
+    return bool(figure and figure.get('extra', {}).get('stopped'))
+
+
 def speed_ratio(row, mine, other):
     if mine is None or other is None or mine <= 0 or other <= 0:
         return None
@@ -54,7 +58,11 @@ def ratios(row, figures):
     mine = value('cachefs')
     peers = [value(p) for p in PEERS if value(p)]
     best = (max(peers) if row.higher_is_better else min(peers)) if peers else None
+    # a peer stopped at --peer-timeout: the ratio to it is a lower bound (shown as "> ...")
+    done = [value(p) for p in PEERS if value(p) and not _stopped(figures.get(p))]
+    best_done = (max(done) if row.higher_is_better else min(done)) if done else None
     return {
+        'vs_best_peer_bound': best is not None and best != best_done,
         'vs_local': speed_ratio(row, mine, value('local')),
         'vs_boto3': speed_ratio(row, mine, value('boto3')) if row.key in COLD_ROWS else None,
         'vs_best_peer': speed_ratio(row, mine, best),
@@ -74,6 +82,15 @@ def number(value, unit=''):
     return f'{value:.3g}'
 
 
+def figure_text(figure, unit):
+    """A figure's median; one that ran past --peer-timeout is "> T (stopped)"."""
+    if not figure:
+        return '-'
+    if _stopped(figure):
+        return f"> {number(figure['median'], unit)} (stopped)"
+    return number(figure['median'], unit)
+
+
 def ratio_text(value):
     return '-' if value is None else f'{value:.2f}x'
 
@@ -88,27 +105,28 @@ def markdown_table(header, rows):
                      + [line(r) for r in rows])
 
 
-def main_table(figures, systems):
+def main_table(figures, systems, rows_shown=ROWS):
     header = ['scenario', 'unit'] + list(systems) + ['cachefs vs local', 'vs boto3',
                                                      'vs best peer']
     rows = []
-    for row in ROWS:
+    for row in rows_shown:
         if row.key not in figures:
             continue
         cells = [row.label, row.unit + ('' if row.higher_is_better else ' (lower is better)')]
-        cells += [number((figures[row.key].get(s) or {}).get('median'), row.unit) for s in systems]
+        cells += [figure_text(figures[row.key].get(s), row.unit) for s in systems]
         r = ratios(row, figures[row.key])
+        best = ratio_text(r['vs_best_peer'])
         cells += [ratio_text(r['vs_local']), ratio_text(r['vs_boto3']),
-                  ratio_text(r['vs_best_peer'])]
+                  '> ' + best if r['vs_best_peer_bound'] and best != '-' else best]
         rows.append(cells)
     return markdown_table(header, rows)
 
 
-def usage_table(figures, systems):
+def usage_table(figures, systems, rows_shown=ROWS):
     """CPU seconds of the serving process per figure, and its peak RSS (MiB) so far."""
     shown = [s for s in systems if s not in ('local',)]
     rows = []
-    for row in ROWS:
+    for row in rows_shown:
         if row.key not in figures:
             continue
         cells = [row.label]
@@ -185,13 +203,19 @@ def render(result):
     """The text report: tables and notes (printed, and the body of RESULTS.md)."""
     out = []
     systems = result['systems_run']
-    if result['figures']:
-        out += [main_table(result['figures'], systems), '',
+    for rows, title in ((ROWS, None), (OBJECT_ROWS, 'Metadata at N objects')):
+        if not any(row.key in result['figures'] for row in rows):
+            continue
+        if title:
+            out += ['%s: N = %s empty objects in 1,000 folders, named like ImageNet\'s '
+                    '(n{class}/n{class}_{i}.JPEG).'
+                    % (title, f"{result['meta'].get('metadata_objects', 0):,}"), '']
+        out += [main_table(result['figures'], systems, rows), '',
                 'Medians of %d round(s). Ratios are speed ratios: above 1x cachefs is faster.'
                 % result['meta']['rounds'], '',
                 'Serving process (cachefs daemon, s3fs, rclone; boto3: this client process): CPU '
                 'seconds during the figure / peak RSS since its mount.', '',
-                usage_table(result['figures'], systems), '']
+                usage_table(result['figures'], systems, rows), '']
     if result['oversubscription']:
         m = result['meta']
         out += ['Oversubscription, cachefs: shards %s, SSD cache %s MiB (2/3 of the data), '
@@ -226,7 +250,7 @@ def to_json(result):
         {'key': row.key, 'label': row.label, 'unit': row.unit,
          'higher_is_better': row.higher_is_better, 'systems': result['figures'][row.key],
          'ratios': ratios(row, result['figures'][row.key])}
-        for row in ROWS if row.key in result['figures']]
+        for row in ROWS + OBJECT_ROWS if row.key in result['figures']]
     del data['figures']
     return json.dumps(data, indent=2, default=str)
 

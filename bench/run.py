@@ -34,8 +34,8 @@ from bench.store import Store  # noqa: E402
 log = logging.getLogger('bench')
 
 MiB = 1 << 20
-DEFAULTS = dict(shards=24, shard_size='64M', small_files=20000, rounds=3)
-QUICK = dict(shards=8, shard_size='16M', small_files=1000, rounds=1)
+DEFAULTS = dict(shards=24, shard_size='64M', small_files=20000, metadata_objects=20000, rounds=3)
+QUICK = dict(shards=8, shard_size='16M', small_files=1000, metadata_objects=2000, rounds=1)
 RESULTS_MD = BENCH_DIR / 'RESULTS.md'
 LATEST_JSON = BENCH_DIR / 'results' / 'latest.json'
 
@@ -83,6 +83,18 @@ def build_parser():
     parser.add_argument('--small-files', type=int, default=None,
                         help=f"small files, 90-130 KiB each in 100 folders (default "
                         f"{DEFAULTS['small_files']}, quick {QUICK['small_files']})")
+    parser.add_argument('--metadata-objects', type=int, default=None,
+                        help=f"empty objects named like ImageNet's in 1,000 folders, for the "
+                        f"metadata-objects scenario (default {DEFAULTS['metadata_objects']:,}, "
+                        f"quick {QUICK['metadata_objects']:,}; ImageNet has 1,281,167)")
+    parser.add_argument('--peer-timeout', type=float, default=600,
+                        help='metadata-objects: a peer figure that takes longer is stopped and '
+                        'reported as "> T s (stopped)" (default 600)')
+    parser.add_argument('--prepare-only', action='store_true',
+                        help='generate and upload the datasets of the chosen scenarios, then stop')
+    parser.add_argument('--upload-lock', default=None, metavar='FILE',
+                        help='hold this flock while uploading the metadata objects, 50 folders '
+                        'at a time (so that other timed runs can take turns)')
     parser.add_argument('--rounds', type=int, default=None,
                         help=f"rounds per figure; figures are medians (default "
                         f"{DEFAULTS['rounds']}, quick {QUICK['rounds']})")
@@ -114,9 +126,10 @@ def resolve(options):
     for name, value in preset.items():
         if getattr(options, name) is None:
             setattr(options, name, parse_size(value) if name == 'shard_size' else value)
-    if min(options.shards, options.small_files, options.rounds, options.readers,
-           options.threads) < 1:
-        raise UsageError('--shards, --small-files, --rounds, --readers and --threads must be >= 1')
+    if min(options.shards, options.small_files, options.metadata_objects, options.rounds,
+           options.readers, options.threads) < 1:
+        raise UsageError('--shards, --small-files, --metadata-objects, --rounds, --readers and '
+                         '--threads must be >= 1')
     if options.shard_size < 1 * MiB:
         raise UsageError('--shard-size must be at least 1M')
     if options.write_results and not plots.available():
@@ -252,9 +265,18 @@ def _run_locked(options, argv, workdir, rundir):
                                            options.shard_size, options.seed)
     if 'small' in kinds:
         parts['small'] = datasets.prepare(workdir, 'small', options.small_files, seed=options.seed)
+    if 'names' in kinds:
+        parts['names'] = datasets.prepare_names(options.metadata_objects)
     store.start()
     for part in parts.values():
-        store.ensure(part)
+        if part.kind == 'names':
+            datasets.upload_names(store, part, lock_path=options.upload_lock)
+        else:
+            store.ensure(part)
+    if options.prepare_only:
+        store.stop()
+        log.info('datasets ready: %s', ', '.join(p.describe() for p in parts.values()))
+        return 0
 
     bench = scenarios.Bench(options, store, parts, rundir)
     if sweep:
@@ -286,6 +308,8 @@ def _run_locked(options, argv, workdir, rundir):
                        f'24 x 64 MiB')
     if 'small' in parts and options.small_files != 20000:
         reduced.append(f'{options.small_files:,} small files instead of 20,000')
+    if 'names' in parts:
+        meta['metadata_objects'] = options.metadata_objects
     if options.rounds < 3:
         reduced.append(f'{options.rounds} round(s) instead of 3')
     meta['reduced'] = '; '.join(reduced)

@@ -3,7 +3,8 @@
 A scenario is a function `(bench, system, round)`. It mounts what it needs (a fresh, empty cache
 whenever something "cold" is measured), reads, and records one `Sample` per figure: the value,
 plus the serving process's CPU seconds during that figure and its peak RSS so far, plus the
-cachefs counters that changed. `ROWS` lists every figure in the order of the report.
+cachefs counters that changed. `ROWS` lists every figure in the order of the report (and
+`OBJECT_ROWS` those of the metadata-objects scenario, in a table of their own).
 
 Conditions, per figure:
 - cold: new mount on an empty cache folder, page cache dropped (so the store reads its disk);
@@ -60,9 +61,19 @@ ROWS = (
     Row('small_warm_dropped', 'small files, warm, page cache dropped', 'files/s'),
     Row('small_warm_kept', 'small files, warm, page cache kept', 'files/s'),
 )
-ROW_BY_KEY = {row.key: row for row in ROWS}
+#: metadata-objects: N empty objects in 1,000 folders (--metadata-objects); a table of their own
+OBJECT_ROWS = (
+    Row('objects_first', 'N objects: mount, empty cache, to first `ls` (boto3: list all keys)',
+        's', False),
+    Row('objects_remount', 'N objects: remount, cache kept, to first `ls`', 's', False),
+    Row('objects_find_1', 'N objects: `find` after remount, 1st', 's', False),
+    Row('objects_find_2', 'N objects: `find`, 2nd', 's', False),
+    Row('objects_walk_1', 'N objects: walk + stat after remount, 1st', 's', False),
+    Row('objects_walk_2', 'N objects: walk + stat, 2nd', 's', False),
+)
+ROW_BY_KEY = {row.key: row for row in ROWS + OBJECT_ROWS}
 #: Rows whose condition is "cold": compared with the raw store (boto3) too.
-COLD_ROWS = ('cold', 'small_first', 'mount')
+COLD_ROWS = ('cold', 'small_first', 'mount', 'objects_first')
 
 #: cachefs counters whose change is kept with each sample.
 STAT_KEYS = ('store_requests', 'store_bytes', 'hits', 'memory_hits', 'disk_hits', 'misses',
@@ -235,7 +246,8 @@ def verify_missing(bench, systems, parts_used):
     for system in systems:
         for kind in parts_used:
             part = bench.parts[kind]
-            if (system.name, kind) in bench.verified:
+            if kind == 'names' or (system.name, kind) in bench.verified:
+                # the names dataset's objects are empty: the scenario counts what it lists
                 continue
             if system.kind == 'store':
                 verify_store(bench, system, part)
@@ -381,6 +393,107 @@ def metadata(bench, system, rnd):
         _two_passes(bench, system, rnd, mount, part, _walk_stat, ('walk_1', 'walk_2'))
 
 
+class Stopped(Exception):
+    """A figure that ran past --peer-timeout and was stopped."""
+
+
+def _first_listing(mount):
+    """List the root and its first folder (what `ls` and a look into one class folder do)."""
+    names = sorted(os.listdir(mount.path))
+    if names:
+        os.listdir(os.path.join(mount.path, names[0]))
+
+
+def _find_bounded(bench, system, mount, part, timeout):
+    started = time.perf_counter()
+    try:
+        result = subprocess.run(['find', mount.path, '-type', 'f'], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, timeout=timeout, check=False)
+    except subprocess.TimeoutExpired:
+        raise Stopped() from None
+    seconds = time.perf_counter() - started
+    found = result.stdout.count(b'\n')
+    if result.returncode != 0 or found != len(part.entries):
+        bench.note(f'{system.name}: find listed {found} of {len(part.entries)} files '
+                   f'(exit {result.returncode}: {result.stderr[-200:].decode(errors="replace")})')
+    return seconds
+
+
+def _walk_stat_bounded(bench, system, mount, part, timeout):
+    started = time.perf_counter()
+    deadline = started + timeout
+    found = 0
+    for dirpath, _, filenames in os.walk(mount.path):
+        for name in filenames:
+            os.stat(os.path.join(dirpath, name))
+            found += 1
+            if not found % 1000 and time.perf_counter() > deadline:
+                raise Stopped()
+    seconds = time.perf_counter() - started
+    if found != len(part.entries):
+        bench.note(f'{system.name}: walk saw {found} of {len(part.entries)} files')
+    return seconds
+
+
+def metadata_objects(bench, system, rnd):
+    """N empty objects named like ImageNet's (--metadata-objects): mount with an empty cache
+    until the first `ls` answers, remount (cache kept) likewise, then `find` and walk + stat,
+    twice each, after a remount (the report's usage table has the serving process's peak RSS
+    since each mount: after the first listing, and after the walk). cachefs lists everything
+    before it answers, s3fs and rclone list a folder when it is first read, so "to first `ls`"
+    is the time until a user sees the root and one class folder. A peer figure that runs past
+    --peer-timeout is stopped and shown as "> T s (stopped)"; cachefs is never stopped."""
+    part = bench.parts['names']
+    timeout = bench.options.peer_timeout if system.name != 'cachefs' else 24 * 3600
+    if system.kind == 'local':
+        return          # the names exist only in the store
+    if system.kind == 'store':
+        client = bench.store.client()
+        with ClientProbe() as probe:
+            started = time.perf_counter()
+            keys = 0
+            for page in client.get_paginator('list_objects_v2').paginate(
+                    Bucket=bench.store.bucket, Prefix=part.prefix + '/'):
+                keys += len(page.get('Contents', ()))
+                if time.perf_counter() - started > timeout:
+                    break
+            seconds = time.perf_counter() - started
+        if seconds > timeout:
+            _stopped(bench, 'objects_first', system, rnd, timeout, probe)
+            return
+        if keys != len(part.entries):
+            bench.note(f'boto3: the listing has {keys} of {len(part.entries)} keys')
+        _sample(bench, 'objects_first', system, rnd, seconds, probe, keys=keys)
+        return
+    for row, fresh in (('objects_first', True), ('objects_remount', False)):
+        bench.drop()
+        started = time.monotonic()
+        with bench.mount(system, part, fresh=fresh) as mount:
+            _first_listing(mount)
+            seconds = time.monotonic() - started
+            probe = since_start(mount)
+            _sample(bench, row, system, rnd, seconds, probe, mount_s=mount.mount_seconds)
+    for rows, function in ((('objects_find_1', 'objects_find_2'), _find_bounded),
+                           (('objects_walk_1', 'objects_walk_2'), _walk_stat_bounded)):
+        with bench.mount(system, part, fresh=False) as mount:
+            bench.drop()
+            for row in rows:
+                with Probe(mount) as probe:
+                    try:
+                        seconds = function(bench, system, mount, part, timeout)
+                    except Stopped:
+                        seconds = None
+                if seconds is None:
+                    _stopped(bench, row, system, rnd, timeout, probe)
+                    break       # a 2nd pass after a stopped 1st would measure a partial cache
+                _sample(bench, row, system, rnd, seconds, probe)
+
+
+def _stopped(bench, row, system, rnd, timeout, probe):
+    bench.note(f'{system.name}: {row} ran past --peer-timeout {timeout:g} s and was stopped')
+    _sample(bench, row, system, rnd, timeout, probe, stopped=1)
+
+
 def small_files(bench, system, rnd):
     """Small files read whole by 8 threads: first read (cold), then warm, dropped and kept."""
     part = bench.parts['small']
@@ -494,4 +607,5 @@ SCENARIOS = {
     'metadata': (metadata, ('small',)),
     'small-files': (small_files, ('small',)),
     'oversubscription': (oversubscription, ('shards',)),
+    'metadata-objects': (metadata_objects, ('names',)),
 }

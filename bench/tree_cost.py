@@ -9,6 +9,11 @@ after the build with the listing still alive, as in the daemon. Per-op costs are
 of a FUSE request, through `Operations._attributes` as the handlers answer them: lookup (parent
 inode + name), getattr (inode, at random), a lookup followed by a getattr of its inode (as the
 kernel does on a first open) and readdir (per entry, a whole folder).
+
+    .venv/bin/python bench/tree_cost.py --refresh [--objects 1281167]
+
+measures a refresh instead: peak RSS while the old tree is alive, and how long the thread that
+answers the kernel is stalled while the new tree is built in a worker thread.
 """
 
 import argparse
@@ -101,12 +106,69 @@ def phase(impl, count, folders):
             'readdir_us_per_entry': round(readdir_s * 1e6, 3)}
 
 
+def phase_refresh(count, folders):
+    """A refresh as the daemon does it (daemon.Daemon.refresh): the current tree alive, a fresh
+    listing of ObjectInfo, turned into columns (the objects dropped), the new tree and its
+    changes built in a worker thread while this thread keeps looking files up in the old tree.
+    Reports the RSS of the old tree alone and the peak during the refresh, per file (over the
+    interpreter's RSS before anything was built), and the longest gap between two lookups of
+    the answering thread (how long the refresh stalled it)."""
+    import resource
+    import threading
+    from cachefs.cache.listing import Columns
+    from cachefs.daemon import _tree_and_changes
+    from cachefs.namespace import build_tree
+    gc.collect()
+    base = rss_bytes()
+    objects = synthetic(count, folders)
+    old = build_tree(objects, time.time_ns())
+    del objects
+    gc.collect()
+    old_tree = rss_bytes() - base
+    peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    start = time.perf_counter()
+    objects = synthetic(count, folders)       # the listing arrives (made here, not timed below)
+    listed = time.perf_counter()
+    columns = Columns.of(objects)
+    del objects
+    result = {}
+    worker = threading.Thread(target=lambda: result.update(
+        tree=_tree_and_changes(old, columns, time.time_ns())))
+    names = [(inode, name) for inode, table in list(old.folders.items())[1:] for name in
+             table.names[:50]]
+    gaps, at, i = [], time.perf_counter(), 0
+    worker.start()
+    while worker.is_alive():
+        parent, name = names[i % len(names)]
+        old.lookup(parent, name)
+        i += 1
+        now = time.perf_counter()
+        gaps.append(now - at)
+        at = now
+    worker.join()
+    done = time.perf_counter()
+    tree, (changed, entries) = result['tree']
+    peak = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, peak_before) - base
+    return {'files': tree.file_count, 'old_tree_bytes_per_file': round(old_tree / count, 1),
+            'refresh_peak_bytes_per_file': round(peak / count, 1),
+            'refresh_peak_mib': round(peak / 2**20, 1),
+            'listing_made_s': round(listed - start, 2),
+            'columns_tree_and_changes_s': round(done - listed, 2),
+            'lookups_meanwhile': i, 'longest_lookup_gap_ms': round(max(gaps) * 1e3, 1),
+            'changed_folders': len(changed), 'changed_entries': len(entries)}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--objects', type=int, default=1_281_167)
     parser.add_argument('--folders', type=int, default=1000)
     parser.add_argument('--phase', choices=('compact', 'reference'), help=argparse.SUPPRESS)
+    parser.add_argument('--refresh', action='store_true',
+                        help='measure a refresh instead (peak RSS with the old tree alive)')
     args = parser.parse_args()
+    if args.refresh:
+        print(json.dumps(phase_refresh(args.objects, args.folders)))
+        return
     if args.phase:
         print(json.dumps(phase(args.phase, args.objects, args.folders)))
         return
