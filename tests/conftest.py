@@ -49,17 +49,17 @@ def fuse_available():
 # A test is in its module's tier, raised to t1 when it uses a store server fixture and to t2 when
 # it mounts (the `fuse` marker or a fixture that mounts): the tier says what a test needs.
 TIERS = {
-    't0': ('bench_plots', 'block_buffers', 'block_cache', 'cluster_protocol', 'compact_tree',
-           'config', 'configfile', 'control', 'disk_format', 'docs', 'failure_modes_doc',
-           'import_shape', 'listing_format', 'listing_integrity', 'log_check', 'log_escaping',
-           'memory_budget', 'metrics', 'namespace', 'operations', 'options', 'retired_nodes',
-           's3_sign', 'tiers'),
+    't0': ('bench_objects', 'bench_plots', 'block_buffers', 'block_cache', 'cluster_protocol',
+           'compact_tree', 'config', 'configfile', 'control', 'disk_format', 'docs',
+           'failure_modes_doc', 'import_shape', 'listing_format', 'listing_integrity',
+           'log_check', 'log_escaping', 'memory_budget', 'metrics', 'namespace', 'operations',
+           'options', 'retired_nodes', 's3_sign', 'tiers'),
     't1': ('cluster_tier', 'etag_checks', 'http_hostile', 'local_source_hardening', 'oss_lean',
            'oss_server', 'parallel_listing', 's3_get', 's3_read_paths', 's3_trio'),
     't2': ('block_recycling', 'cache', 'cache_folder', 'credential_refresh', 'dashboard',
            'errors', 'mount', 'security', 'warmup'),
-    't3': ('cluster_rig', 'faults', 'memory_limit', 'reliability', 'shutdown', 'store_slots',
-           'stuck_disk'),
+    't3': ('cluster', 'cluster_rig', 'faults', 'memory_limit', 'reliability', 'shutdown',
+           'store_slots', 'stuck_disk'),
     't4': ('alert_rules', 'demo_support', 'deploy', 'examples'),
 }
 TIER_NEEDS = {
