@@ -452,3 +452,40 @@ def test_the_commas_of_a_cluster_list_survive_dash_o():
 def test_peer_names_are_ip_and_port():
     assert cluster_peers.peer_name('::1', 11211) == '[::1]:11211'
     assert cluster_peers.peer_name('10.0.0.1', 1) == '10.0.0.1:1'
+
+
+# -- stats and metrics --
+
+CLUSTER_STATS = {
+    'cluster_hits': 7, 'cluster_misses': 3, 'cluster_read_bytes': 7 << 20, 'cluster_fills': 3,
+    'cluster_fill_bytes': 3 << 20, 'cluster_fills_dropped': 1, 'cluster_fill_errors': 0,
+    'cluster_errors': 2, 'cluster_timeouts': 1, 'cluster_refused_blocks': 1,
+    'cluster_skipped': 4, 'cluster_fill_queue': 0, 'cluster_peers': 2, 'cluster_peers_up': 1,
+    'cluster_peer_states': {'10.0.0.1:11211': 'up', '10.0.0.2:11211': 'down'}}
+
+
+def test_the_cluster_counters_are_prometheus_metrics():
+    from cachefs.metrics import LATENCY_BUCKETS, collect_families
+    families = {f.name: f for f in collect_families(dict(CLUSTER_STATS), {}, LATENCY_BUCKETS)}
+    assert families['cachefs_cluster_hits'].samples[0].value == 7
+    assert families['cachefs_cluster_refused_blocks'].samples[0].value == 1
+    assert families['cachefs_cluster_peers_up'].samples[0].value == 1
+    assert {(s.labels['peer'], s.value) for s in families['cachefs_cluster_peer_up'].samples} \
+        == {('10.0.0.1:11211', 1.0), ('10.0.0.2:11211', 0.0)}
+    plain = {f.name for f in collect_families({}, {}, LATENCY_BUCKETS)}
+    assert not any('cluster' in name for name in plain)       # off: no cluster metric at all
+
+
+def test_cachefs_stats_shows_the_cluster_lines_only_when_it_is_on():
+    from cachefs.cli import format_stats
+    base = {'source': 's3://b/p', 'pid': 1, 'uptime_s': 1.0, 'files': 1, 'dataset_bytes': 1,
+            'hits': 0, 'misses': 0, 'memory_hits': 0, 'disk_hits': 0, 'shared_fetches': 0,
+            'store_bytes': 0, 'store_requests': 0, 'store_retries': 0, 'store_errors': 0,
+            'prefetches': 0, 'prefetched_bytes': 0, 'memory_used_bytes': 0,
+            'memory_capacity_bytes': 1, 'memory_blocks': 0, 'memory_evictions': 0,
+            'disk_capacity_bytes': 0}
+    assert not [line for line in format_stats(base) if 'cluster' in line]
+    lines = format_stats({**base, **CLUSTER_STATS})
+    assert 'cluster tier    7 hits (7.0 MiB), 3 misses, 4 skipped, 2 errors (1 timeouts, ' \
+        '1 refused blocks)' in lines
+    assert 'cluster peers   1 of 2 up; down: 10.0.0.2:11211' in lines

@@ -244,7 +244,9 @@ class ClusterTier:
             try:
                 stream = await trio.open_tcp_stream(peer.ip, peer.port)
             except OSError as exc:
-                raise PeerFailure(f'cannot connect: {exc.strerror or exc}') from None
+                # trio's "all attempts to connect failed" carries the attempt's error as cause
+                cause = exc.__cause__ if isinstance(exc.__cause__, OSError) else exc
+                raise PeerFailure(f'cannot connect: {cause.strerror or cause}') from None
             return MetaConnection(stream)
         self.counters.timeouts += 1
         raise PeerFailure(f'no connection within {self.connect_timeout * 1000:g} ms')

@@ -4,7 +4,8 @@ hashing of blocks onto peers, and each peer's circuit breaker.
 The URL. `memcached://HOST[:PORT][,HOST[:PORT]...]` (port 11211 by default; IPv6 in brackets).
 One name that resolves to every node (a Kubernetes headless Service) or a list of addresses or
 names. Every name is resolved again every `--cluster-refresh`; a name that fails to resolve keeps
-its last addresses (none at mount: a warning, and reads go to the store until it resolves).
+its last addresses (none at mount: a warning, and reads go to the store until it resolves); a
+name's IPv4 addresses are used when it has any (one peer per dual-stack node), else its IPv6.
 
 Rendezvous (highest random weight) hashing. A block goes to the peer whose BLAKE2b weight of
 (peer address, cluster key) is highest. A peer is named by its resolved `IP:PORT`, so that every
@@ -41,6 +42,7 @@ DEFAULT_PORT = 11211
 Resolver = Callable[[str, int], Iterable[tuple[str, int]]]
 FIRST_BACKOFF = 5.0
 MAX_BACKOFF = 60.0
+RESOLVE_TIMEOUT = 10.0
 
 
 @dataclass(frozen=True)
@@ -259,5 +261,10 @@ async def _resolve(host: str, port: int,
                    resolve: Resolver | None) -> tuple[tuple[str, int], ...]:
     if resolve is not None:         # tests
         return tuple(resolve(host, port))
-    infos = await trio.socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    return tuple(sorted({(str(info[4][0]), port) for info in infos}))
+    with trio.move_on_after(RESOLVE_TIMEOUT):
+        infos = await trio.socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        # IPv4 when the name has any: a dual-stack node would otherwise count as two peers,
+        # one of them down where memcached listens on IPv4 only
+        v4 = {(str(info[4][0]), port) for info in infos if info[0] == socket.AF_INET}
+        return tuple(sorted(v4 or {(str(info[4][0]), port) for info in infos}))
+    raise OSError(f'no answer from the resolver within {RESOLVE_TIMEOUT:g}s')
