@@ -412,6 +412,7 @@ async def test_a_name_that_never_resolved_leaves_no_peer_and_picks_none():
     ('memcached://cache.ns.svc', (('cache.ns.svc', 11211),)),
     ('memcached://10.0.0.1:11300,10.0.0.2', (('10.0.0.1', 11300), ('10.0.0.2', 11211))),
     ('memcached://[::1]:11211, node-2:1', (('::1', 11211), ('node-2', 1))),
+    ('memcached://cache.ns.svc.cluster.local.:11211', (('cache.ns.svc.cluster.local.', 11211),)),
     ('memcached://a,a:11211', (('a', 11211),)),
 ])
 def test_cluster_urls_parse(text, hosts):
@@ -431,6 +432,9 @@ def test_cluster_urls_parse(text, hosts):
     ('memcached://h k', 'not a host'),
     ('memcached://-h', 'not a host'),
     ('memcached://a_b', 'not a host'),
+    ('memcached://a..b', 'not a host'),
+    ('memcached://a-.b', 'not a host'),
+    ('memcached://' + 'a' * 64 + '.b', 'not a host'),
     ('memcached://[::1', 'IPv6'),
     ('memcached://[h]:1', 'not an IPv6'),
 ])

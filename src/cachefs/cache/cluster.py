@@ -143,6 +143,10 @@ class ClusterTier:
                     data = await self._get(peer, ckey, length, probe=admitted is None)
                 except BlockRefused:
                     refused = True
+                except Exception:
+                    # a bug here must not cost the reader its block: the store still has it
+                    log.exception('cluster read of a block from %s failed', peer.name)
+                    self.counters.errors += 1
                 else:
                     if data is not None:
                         self.counters.hits += 1
@@ -269,7 +273,11 @@ class ClusterTier:
 
     async def _fill_worker(self) -> None:
         async for ckey, data, replace in self._fill_receive:
-            await self._fill(ckey, data, replace)
+            try:
+                await self._fill(ckey, data, replace)
+            except Exception:           # a bug must not end the fills, nor the daemon
+                log.exception('storing a block in the cluster failed')
+                self.counters.fill_errors += 1
             del data
 
     async def _fill(self, ckey: str, data: Block, replace: bool) -> None:
@@ -316,14 +324,20 @@ class ClusterTier:
         async with trio.open_nursery() as nursery:
             for _ in range(_FILL_WORKERS):
                 nursery.start_soon(self._fill_worker)
-            await self.peers.refresh()
-            await self._probe_all()
+            try:
+                await self.peers.refresh()
+                await self._probe_all()
+            except Exception:           # a bug must not end the daemon: reads use the store
+                log.exception('resolving the cluster peers failed')
             self._announce()
             task_status.started()
             while True:
                 await trio.sleep(self.refresh_interval)
-                await self.peers.refresh()
-                await self._probe_all(only_down=True)
+                try:
+                    await self.peers.refresh()
+                    await self._probe_all(only_down=True)
+                except Exception:       # a bug must not end the daemon: the peers stay as were
+                    log.exception('refreshing the cluster peers failed')
 
     def _announce(self) -> None:
         peers = self.peers.peers

@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import logging
+import re
 import socket
 import time
 from collections.abc import Callable, Iterable
@@ -66,7 +67,8 @@ def _is_ip(host: str) -> bool:
     return True
 
 
-_HOST_CHARS = frozenset('abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.-')
+_LABEL = r'(?!-)[A-Za-z0-9-]{1,63}(?<!-)'
+_HOST_NAME = re.compile(rf'{_LABEL}(?:\.{_LABEL})*\.?')
 
 
 def parse_cluster_url(text: str) -> ClusterURL:
@@ -97,8 +99,7 @@ def parse_cluster_url(text: str) -> ClusterURL:
             host, colon, port_text = entry.partition(':')
             if colon and not port_text:
                 raise ValueError(f'a host with an empty port in the cluster URL: {entry!r}')
-            if not host or not set(host) <= _HOST_CHARS or host.startswith(('-', '.')) \
-                    or len(host) > 253:
+            if not _HOST_NAME.fullmatch(host) or len(host) > 253:
                 raise ValueError(f'not a host name or address: {host!r}')
         port = DEFAULT_PORT
         if port_text:
@@ -234,7 +235,8 @@ class PeerSet:
                 continue
             try:
                 found = await _resolve(host, port, resolve)
-            except OSError as exc:
+            except (OSError, UnicodeError) as exc:
+                exc = exc if isinstance(exc, OSError) else OSError(str(exc))
                 if host not in self._unresolved:
                     self._unresolved.add(host)
                     log.warning('cannot resolve cluster host %s (%s); %s', host,
