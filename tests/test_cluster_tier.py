@@ -522,3 +522,35 @@ def test_a_mount_whose_cluster_answers_nowhere_mounts_with_a_warning(local_sourc
     log = mounted.log_file.read_text()
     assert 'WARNING cachefs.cache.cluster: cluster tier' in log and 'no peer answers' in log
     assert log.count('is down') == 1
+
+
+async def test_a_peer_killed_while_blocks_are_read_costs_no_read_and_no_wrong_byte(own_memcached,
+                                                                                   caplog):
+    caplog.set_level(logging.WARNING, 'cachefs.cache')
+    own_memcached.start()
+    key = new_key()
+    filler = make_tier(own_memcached.url)
+    async with running(filler):
+        for index in range(40):
+            await filler.read(key, '"e"', index * BLOCK, BLOCK)
+        await wait_for(lambda: filler.counters.fills == 40)
+    node = make_tier(own_memcached.url)
+    results = {}
+
+    async def reader(first):
+        for index in range(first, 40, 8):
+            results[index] = await node.read(key, '"e"', index * BLOCK, BLOCK)
+            await trio.sleep(0.01)
+
+    async with running(node):
+        async with trio.open_nursery() as nursery:
+            for first in range(8):
+                nursery.start_soon(reader, first)
+            await wait_for(lambda: node.counters.hits >= 8)
+            own_memcached.process.kill()            # mid-read: SIGKILL, no goodbye
+            own_memcached.process.wait()
+    assert sorted(results) == list(range(40))
+    for index, data in results.items():
+        assert sha(data) == sha(block_bytes(key, index * BLOCK, BLOCK)), index
+    assert node.counters.hits + len(node.store.reads) == 40 and node.store.reads
+    assert len([r for r in caplog.records if 'is down' in r.getMessage()]) == 1
