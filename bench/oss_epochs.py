@@ -10,6 +10,9 @@ threads, in a shuffled order that is the same for every system of a round:
   through the lean OSS path where it applies);
 - `cachefs warm`: the same mount's second epoch, page cache dropped first (when root), so the
   bytes come from cachefs's own cache.
+After each drop the server's object files are read back into the page cache (unless
+--store-from-disk): this machine's disk is not a store's, and a cold epoch that waits on it
+measures the disk's seeks under 32 parallel requests, not the client.
 The OSS test server is pure Python and runs on the same cores as the client: what compares is
 the ratio of cachefs to oss2 through the same server, not MiB/s (nor MiB/s against the SeaweedFS
 figures). CPU columns, per epoch: the client's (the cachefs daemon; for oss2 this process, its
@@ -102,9 +105,20 @@ def oss2_epoch(bucket, prefix, tasks, threads):
     return sum(workers.map_threads(one, tasks, threads))
 
 
-def timed(function, pids):
-    """(bytes, seconds, [CPU seconds of each of `pids`]) of one epoch."""
+def warm_store(store):
+    """Read the server's object files into the page cache (what `--store-from-disk` skips)."""
+    for path in (store.root / BUCKET / 'objects').glob('*.data'):
+        with open(path, 'rb', buffering=0) as f:
+            while f.read(8 << 20):
+                pass
+
+
+def timed(function, pids, store=None):
+    """(bytes, seconds, [CPU seconds of each of `pids`]) of one epoch; page cache dropped
+    first, then the store's files read back in unless `store` is None."""
     host.drop_page_cache()
+    if store is not None:
+        warm_store(store)
     cpu = [cpu_of(pid) for pid in pids]
     started = time.perf_counter()
     count = function()
@@ -120,12 +134,17 @@ def main(argv=None):
     parser.add_argument('--shard-size', type=int, default=32 * MiB)
     parser.add_argument('--threads', type=int, default=16)
     parser.add_argument('--rounds', type=int, default=2)
+    parser.add_argument('--store-from-disk', action='store_true',
+                        help="leave the server's files out of the page cache too (by default "
+                        'they are read back in after each drop: the store answers from memory, '
+                        "as a real store's disks are not this machine's)")
     options = parser.parse_args(argv)
     host.install_exit_handlers()
     import oss2
     import oss2.defaults
 
     store = OssStore(options.workdir)
+    in_memory = None if options.store_from_disk else store
     parts = [datasets.prepare(options.workdir, 'small', options.small_files),
              datasets.prepare(options.workdir, 'shards', options.shards,
                               shard_size=options.shard_size)]
@@ -151,13 +170,14 @@ def main(argv=None):
                 # the client of the oss2 reads is this process
                 record('oss2', timed(lambda: oss2_epoch(bucket, part.prefix, tasks,
                                                         options.threads),
-                                     [store.pid(), os.getpid()]))
+                                     [store.pid(), os.getpid()], in_memory))
                 mount = Mount(store, part, options.workdir)
                 try:
                     pids = [store.pid(), mount.pid]
                     for system in ('cachefs cold', 'cachefs warm'):
                         record(system, timed(lambda: mount_epoch(mount.path, tasks,
-                                                                 options.threads), pids))
+                                                                 options.threads), pids,
+                                             in_memory))
                     if round_ == 0:
                         host.drop_page_cache()
                         problems = workers.verify_tree(mount.path, part.entries)
@@ -188,8 +208,9 @@ def main(argv=None):
         f"- command: `{' '.join(['python', 'bench/oss_epochs.py', *(argv or sys.argv[1:])])}`",
         f"- date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}",
         f'- machine: {os.cpu_count()} cores, shared (1-minute load average {load:.1f} at the '
-        f'end); page cache dropped before each epoch: {host.can_drop_page_cache()}; the store '
-        'is the OSS test server on loopback in its own process', '', table, '',
+        f'end); page cache dropped before each epoch: {host.can_drop_page_cache()}, the store\'s '
+        f'files then read back in: {in_memory is not None}; the store is the OSS test server '
+        'on loopback in its own process', '', table, '',
         f'Medians of {options.rounds} rounds, {options.threads} reader threads; small files read '
         f'whole, shards in 8 MiB ranges; content checked through the mount (sha256).']))
     return 0
