@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from cachefs.cache import cluster_peers
 from cachefs.cache.cluster_peers import (ClusterURL, Peer, PeerSet, parse_cluster_url,
                                          rendezvous)
-from cachefs.cache.cluster_protocol import (HEADER_SIZE, BlockRefused, MetaConnection,
+from cachefs.cache.cluster_protocol import (BUSY, HEADER_SIZE, WON, BlockRefused, MetaConnection,
                                             PeerFailure, Sealer, ServerRefused, cluster_key,
                                             cluster_namespace, parse_reply)
 from cachefs.config import expand_dash_o
@@ -347,7 +347,7 @@ def test_a_failed_peer_is_skipped_then_probed_once_with_a_doubling_wait(caplog):
     assert waits == [5.0, 10.0, 20.0, 40.0, 60.0, 60.0, 60.0]
     clock.now += 60
     assert peer.admit() is None
-    peer.succeeded()
+    peer.succeeded(probe=True)
     assert peer.up and peer.admit() is True
     messages = [r.getMessage() for r in caplog.records]
     assert len(messages) == 2, messages          # one per change of state
@@ -363,7 +363,7 @@ def test_a_peer_back_after_a_failure_starts_again_from_five_seconds():
     peer.failed('x', probe=True)                  # 10 s
     clock.now += 10
     assert peer.admit() is None
-    peer.succeeded()
+    peer.succeeded(probe=True)
     peer.failed('x', probe=False)
     clock.now += 5
     assert peer.admit() is None
@@ -493,3 +493,43 @@ def test_cachefs_stats_shows_the_cluster_lines_only_when_it_is_on():
     assert 'cluster tier    7 hits (7.0 MiB), 3 misses, 4 skipped, 2 errors (1 timeouts, ' \
         '1 refused blocks)' in lines
     assert 'cluster peers   1 of 2 up; down: 10.0.0.2:11211' in lines
+
+
+async def _lease_answer(answer):
+    client, server = trio.testing.memory_stream_pair()
+    connection = MetaConnection(client)
+
+    async def peer():
+        request = b''
+        while b'\r\n' not in request:
+            request += await server.receive_some(4096)
+        assert b' N10 ' in request
+        opaque = int(request.split(b' O')[1].split(b'\r\n')[0])
+        await server.send_all(answer % opaque)
+        await server.aclose()
+    result: list = []
+
+    async def ask():
+        try:
+            result.append(await connection.get(KEY, 100, lease=10))
+        except (PeerFailure, BlockRefused) as exc:
+            result.append(type(exc))
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(peer)
+            nursery.start_soon(ask)
+    return result[0]
+
+
+@pytest.mark.parametrize('answer, expected', [
+    (b'VA 0 W O%d\r\n\r\n', WON),
+    (b'VA 0 O%d W\r\n\r\n', WON),
+    (b'VA 0 Z O%d\r\n\r\n', BUSY),
+    (b'VA 0 W Z O%d\r\n\r\n', WON),
+    (b'VA 0 W O%d\r\n', PeerFailure),            # the empty value's CRLF missing
+    (b'VA 0 W O%d\r\nXY', PeerFailure),
+    (b'VA 0 O%d\r\n\r\n', BlockRefused),         # an empty value without a lease is no block
+    (b'VA 5 W O%d\r\nhello\r\n', BlockRefused),
+])
+async def test_a_lease_answer_is_won_or_busy_and_nothing_else(answer, expected):
+    assert await _lease_answer(answer) == expected

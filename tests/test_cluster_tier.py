@@ -480,7 +480,9 @@ def test_a_second_node_reads_a_whole_tree_from_the_cluster_and_nothing_from_the_
     secret = mounter.tmp_path / 'cluster.secret'
     secret.write_text('0123456789abcdef0123456789abcdef\n')
     # a queue as long as the tree, so that no fill is dropped while the first node reads
-    cluster = ['-o', f'cluster={own_memcached.url},cluster_fill_queue=4096',
+    # and a long timeout: a peer taken for down on this busy machine would send reads to the
+    # store (what this test counts)
+    cluster = ['-o', f'cluster={own_memcached.url},cluster_fill_queue=4096,cluster_timeout=10s',
                '--cluster-secret-file', secret]
     first = mounter.mount(local_source, *cluster, name='node1',
                           cache_dir=mounter.tmp_path / 'cache1')
@@ -494,7 +496,7 @@ def test_a_second_node_reads_a_whole_tree_from_the_cluster_and_nothing_from_the_
                            cache_dir=mounter.tmp_path / 'cache2')
     assert_tree_matches(second.path, local_source.manifest)
     stats = second.stats()
-    assert stats['store_bytes'] == 0 and stats['store_requests'] == 0
+    assert stats['store_bytes'] == 0 and stats['store_requests'] == 0, (stats, filled)
     assert stats['cluster_hits'] == filled['cluster_fills']
     assert stats['cluster_errors'] == stats['cluster_refused_blocks'] == 0
     lines = run_cachefs('stats', second.path).stdout
@@ -554,3 +556,55 @@ async def test_a_peer_killed_while_blocks_are_read_costs_no_read_and_no_wrong_by
         assert sha(data) == sha(block_bytes(key, index * BLOCK, BLOCK)), index
     assert node.counters.hits + len(node.store.reads) == 40 and node.store.reads
     assert len([r for r in caplog.records if 'is down' in r.getMessage()]) == 1
+
+
+# -- cross-node single flight --
+
+class GatedStore(MemoryStore):
+    """A store whose reads wait until `release` is set (a slow store)."""
+
+    def __init__(self):
+        super().__init__()
+        self.release = trio.Event()
+
+    async def read(self, key, etag, offset, length):
+        self.reads.append((key, offset))
+        await self.release.wait()
+        return block_bytes(key, offset, length)
+
+
+async def test_nodes_that_miss_a_block_at_once_read_it_from_the_store_once(memcached):
+    key = new_key()
+    slow = GatedStore()
+    winner, other = make_tier(memcached.url, slow), make_tier(memcached.url)
+    got = {}
+
+    async def read(name, node):
+        got[name] = await node.read(key, '"e"', 0, BLOCK)
+
+    async with running(winner), running(other):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(read, 'winner', winner)
+            await wait_for(lambda: slow.reads)             # the winner holds the lease
+            nursery.start_soon(read, 'other', other)
+            await wait_for(lambda: other.counters.waits == 1)
+            slow.release.set()
+    assert sha(got['winner']) == sha(got['other']) == sha(block_bytes(key, 0, BLOCK))
+    assert slow.reads == [(key, 0)] and other.store.reads == []
+    assert other.counters.hits == 1 and other.counters.wait_timeouts == 0
+    assert winner.counters.fills == 1
+
+
+async def test_a_lease_never_filled_costs_the_others_at_most_the_fill_timeout(memcached):
+    key = new_key()
+    winner = make_tier(memcached.url)           # not running: its fill stays queued
+    await winner.read(key, '"e"', 0, BLOCK)
+    other = make_tier(memcached.url, read_timeout=0.1)
+    started = trio.current_time()
+    got = await other.read(key, '"e"', 0, BLOCK)
+    waited = trio.current_time() - started
+    assert sha(got) == sha(block_bytes(key, 0, BLOCK))
+    assert other.counters.waits == other.counters.wait_timeouts == 1
+    assert other.store.reads == [(key, 0)]
+    # the bound the option promises (2 x 0.1 s), not a speed figure
+    assert 0.15 <= waited < other.lease_wait + 1.0, waited

@@ -184,11 +184,11 @@ MOUNT_OPTIONS = (
            'that holds them, and stored there once read from the store (default: off)',
            limits='memcached://HOST[:PORT][,HOST[:PORT]...]: one name that resolves to every '
            'node, or a list', check=_cluster_url),
-    Option('cluster-timeout', 'duration', 0.2,
+    Option('cluster-timeout', 'duration', 0.5,
            'longest wait for one block from a cluster peer; then the block is read from the '
            'store and the peer skipped for a while',
            limits='more than 0, at most 60s', check=_between(0, 60, above=True)),
-    Option('cluster-connect-timeout', 'duration', 0.05,
+    Option('cluster-connect-timeout', 'duration', 0.1,
            'longest wait for a new connection to a cluster peer',
            limits='more than 0, at most 10s', check=_between(0, 10, above=True)),
     Option('cluster-secret-file', 'str', None,

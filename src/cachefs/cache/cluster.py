@@ -29,12 +29,21 @@ Waiting for one of a peer's connection slots is not bounded separately: every ho
 Fills. A block read from the store is queued for its peer (a bounded queue of `fill_queue`
 blocks, emptied by `_FILL_WORKERS` tasks); when the queue is full the fill is dropped, never
 waited for. A fill sends the block with `ms` in add mode (a block is the same whoever fills it,
-and a block several nodes fill is stored once), under a deadline of 5 x `read_timeout`. A queued
+and a block several nodes fill is stored once; set mode over a lease's empty item or a refused
+block), under a deadline of 5 x `read_timeout` (the fill timeout). A queued
 fill holds a reference to its block: memory for at most `fill_queue` blocks beyond the tiers'.
 
-Not done (known limitations): no cross-node single flight (the meta protocol's win/lease
-flags): two nodes that miss the same block at the same moment both read it from the store. No
-replication: a peer that leaves takes its blocks with it (they come from the store again).
+Cross-node single flight. A block is asked for with the meta protocol's lease (`mg ... N10`):
+on a miss memcached keeps an empty item for 10 s and tells one asker that it won (W): that node
+reads the store and fills the block (`ms` in set mode, over the empty item); the others (Z) ask
+again, 10 ms apart doubling to 100 ms, for at most 2 x `read_timeout`, then read the store
+themselves. So nodes that miss the same block at once (every node warming up the same files)
+read it from the store once. A node with `fill_queue` 0 never takes a lease (it would not fill).
+A winner whose fill is dropped or refused leaves the empty item until it expires: readers of
+that block wait that long, then read the store.
+
+Not done (known limitations): no replication: a peer that leaves takes its blocks with it (they
+come from the store again).
 """
 
 from __future__ import annotations
@@ -48,8 +57,8 @@ from typing import Any
 import trio
 
 from .cluster_peers import ClusterURL, Peer, PeerSet, parse_cluster_url
-from .cluster_protocol import (BlockRefused, ClusterError, MetaConnection, PeerFailure, Sealer,
-                               ServerRefused, cluster_key, cluster_namespace)
+from .cluster_protocol import (BUSY, WON, BlockRefused, ClusterError, MetaConnection,
+                               PeerFailure, Sealer, ServerRefused, cluster_key, cluster_namespace)
 from ..errors import EXIT_USAGE, UserError
 from .fetches import BlockStore
 from .memory import Block
@@ -60,6 +69,8 @@ _FILL_WORKERS = 4
 _MAX_IDLE = 16                  # idle connections kept per peer
 _MAX_IDLE_SECONDS = 60.0        # an idle connection older than this is closed, not reused
 _FILL_TIMEOUT_FACTOR = 5
+_LEASE_WAIT_FACTOR = 2
+LEASE_SECONDS = 10              # how long a missing block's lease (empty item) lives
 _THREAD_HASHING = 256 * 1024    # blocks this large are checked and sealed in worker threads
 
 
@@ -82,7 +93,8 @@ def read_secret(path: str) -> bytes:
 
 class ClusterCounters:
     __slots__ = ('hits', 'misses', 'read_bytes', 'fills', 'fill_bytes', 'fills_dropped',
-                 'fill_errors', 'errors', 'timeouts', 'refused_blocks', 'skipped')
+                 'fill_errors', 'errors', 'timeouts', 'refused_blocks', 'skipped', 'waits',
+                 'wait_timeouts')
 
     def __init__(self) -> None:
         self.hits = 0               # blocks served by a peer, verified
@@ -96,6 +108,8 @@ class ClusterCounters:
         self.timeouts = 0           # reads and fills past their deadline (in errors too)
         self.refused_blocks = 0     # blocks that did not verify (in errors too)
         self.skipped = 0            # reads not asked of the cluster: no peer, or peer down
+        self.waits = 0              # reads that waited for another node's fetch of the block
+        self.wait_timeouts = 0      # of those, reads that gave up waiting (then the store)
 
 
 class ClusterTier:
@@ -103,8 +117,9 @@ class ClusterTier:
     resolved and sends the fills."""
 
     def __init__(self, store: BlockStore, url: ClusterURL | str, namespace: str, block_size: int,
-                 secret: bytes | None = None, connect_timeout: float = 0.05,
-                 read_timeout: float = 0.2, refresh: float = 30.0, fill_queue: int = 16,
+                 secret: bytes | None = None, connect_timeout: float = 0.1,
+                 read_timeout: float = 0.5, refresh: float = 30.0, fill_queue: int = 16,
+                 lease: int = LEASE_SECONDS,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.store = store
         self.url = parse_cluster_url(url) if isinstance(url, str) else url
@@ -114,7 +129,11 @@ class ClusterTier:
         self.connect_timeout = connect_timeout
         self.read_timeout = read_timeout
         self.fill_timeout = read_timeout * _FILL_TIMEOUT_FACTOR
+        self.lease_wait = read_timeout * _LEASE_WAIT_FACTOR
         self.refresh_interval = refresh
+        # cross-node single flight: a miss leaves an empty item in memcached for this long, and
+        # only the node that got it (W) fetches the block; 0 turns it off
+        self.lease = lease if fill_queue else 0
         self.peers = PeerSet(self.url, clock)
         self.counters = ClusterCounters()
         self.keyed = secret is not None
@@ -135,38 +154,63 @@ class ClusterTier:
         peer has the block and it verifies, else from the store (then filled in the cluster)."""
         ckey = cluster_key(self.namespace, key, etag, offset, length, self.block_size)
         peer = self.peers.pick(ckey)
-        refused = False
+        replace = False         # the fill must overwrite: a refused block, or our lease's item
         if peer is not None:
             admitted = peer.admit()
             if admitted is not False:
                 try:
-                    data = await self._get(peer, ckey, length, probe=admitted is None)
+                    found = await self._get(peer, ckey, length, probe=admitted is None)
+                    if found is BUSY:
+                        found = await self._wait_for_fill(peer, ckey, length)
                 except BlockRefused:
-                    refused = True
+                    replace = True
                 except Exception:
                     # a bug here must not cost the reader its block: the store still has it
                     log.exception('cluster read of a block from %s failed', peer.name)
                     self.counters.errors += 1
                 else:
-                    if data is not None:
+                    if found is WON:
+                        replace = True
+                    elif found is not None and not isinstance(found, str):
                         self.counters.hits += 1
                         self.counters.read_bytes += length
-                        return data
+                        return found
             else:
                 self.counters.skipped += 1
         else:
             self.counters.skipped += 1
         data = await self.store.read(key, etag, offset, length)
         if peer is not None and self._fill_queue:
-            self._queue_fill(ckey, data, refused)
+            self._queue_fill(ckey, data, replace)
         return data
 
-    async def _get(self, peer: Peer, ckey: str, length: int, probe: bool) -> Block | None:
+    async def _wait_for_fill(self, peer: Peer, ckey: str, length: int) -> Block | str | None:
+        """Another node holds the lease of this block (it is reading it from the store): ask
+        again, 10 ms apart doubling to 100 ms, for at most 2 x the read timeout; then the
+        store."""
+        self.counters.waits += 1
+        deadline = trio.current_time() + self.lease_wait
+        delay = 0.01
+        while trio.current_time() + delay < deadline:
+            await trio.sleep(delay)
+            delay = min(delay * 2, 0.1)
+            if peer.admit() is not True:
+                return None         # down meanwhile: the store
+            found = await self._get(peer, ckey, length, probe=False)
+            if found is not BUSY:
+                return found
+        self.counters.wait_timeouts += 1
+        return None
+
+    async def _get(self, peer: Peer, ckey: str, length: int,
+                   probe: bool) -> Block | str | None:
         """The verified block from `peer`, or None (a miss, or any failure: counted, logged
-        once per state change). Raises `BlockRefused` for a value that is not the block."""
+        once per state change), or WON / BUSY (a miss whose lease this node got / another node
+        has). Raises `BlockRefused` for a value that is not the block."""
         try:
-            answer = await self._request(peer, self.read_timeout, 'get', ckey, length)
-            if answer is not None:
+            answer = await self._request(peer, self.read_timeout, 'get', ckey, length,
+                                         self.lease)
+            if isinstance(answer, tuple):
                 await self._hashing(self.sealer.check, ckey, *answer)
         except PeerFailure as exc:
             self.counters.errors += 1
@@ -175,10 +219,10 @@ class ClusterTier:
         except ServerRefused as exc:
             self.counters.errors += 1
             log.debug('cluster peer %s: %s', peer.name, exc)
-            peer.succeeded()
+            peer.succeeded(probe)
             return None
         except BlockRefused as exc:
-            peer.succeeded()        # it answers: the block is bad, not the peer
+            peer.succeeded(probe)        # it answers: the block is bad, not the peer
             self.counters.errors += 1
             self.counters.refused_blocks += 1
             if not peer.refused_logged:
@@ -190,10 +234,12 @@ class ClusterTier:
         finally:
             if probe and peer.probing:      # cancelled: let a later request probe it
                 peer.probing = False
-        peer.succeeded()
-        if answer is None:
+        peer.succeeded(probe)
+        if answer is None or answer is WON:
             self.counters.misses += 1
-            return None
+            return answer
+        if answer is BUSY:
+            return answer
         return answer[1]
 
     async def _hashing(self, fn: Callable[..., Any], ckey: str, *buffers: Any) -> Any:
@@ -248,8 +294,12 @@ class ClusterTier:
             try:
                 stream = await trio.open_tcp_stream(peer.ip, peer.port)
             except OSError as exc:
-                # trio's "all attempts to connect failed" carries the attempt's error as cause
-                cause = exc.__cause__ if isinstance(exc.__cause__, OSError) else exc
+                # trio's "all attempts to connect failed" carries the attempts' errors as cause
+                cause: BaseException | None = exc.__cause__
+                if getattr(cause, 'exceptions', None):         # an exception group
+                    cause = cause.exceptions[0]                 # type: ignore[union-attr]
+                if not isinstance(cause, OSError):
+                    cause = exc
                 raise PeerFailure(f'cannot connect: {cause.strerror or cause}') from None
             return MetaConnection(stream)
         self.counters.timeouts += 1
@@ -299,7 +349,7 @@ class ClusterTier:
             return
         except ServerRefused as exc:
             self.counters.fill_errors += 1
-            peer.succeeded()
+            peer.succeeded(admitted is None)
             if 'too large' in str(exc) and not peer.too_large_logged:
                 peer.too_large_logged = True
                 log.warning('cluster peer %s refuses blocks of %d bytes as too large: start '
@@ -312,7 +362,7 @@ class ClusterTier:
         finally:
             if admitted is None and peer.probing:
                 peer.probing = False
-        peer.succeeded()
+        peer.succeeded(admitted is None)
         if stored:
             self.counters.fills += 1
             self.counters.fill_bytes += len(data)
@@ -366,7 +416,7 @@ class ClusterTier:
         except ClusterError as exc:
             peer.failed(str(exc), admitted is None)
         else:
-            peer.succeeded()
+            peer.succeeded(admitted is None)
         finally:
             if admitted is None and peer.probing:
                 peer.probing = False
@@ -388,6 +438,8 @@ class ClusterTier:
             'cluster_timeouts': c.timeouts,
             'cluster_refused_blocks': c.refused_blocks,
             'cluster_skipped': c.skipped,
+            'cluster_waits': c.waits,
+            'cluster_wait_timeouts': c.wait_timeouts,
             'cluster_fill_queue': self._fill_send.statistics().current_buffer_used,
             'cluster_peers': len(peers),
             'cluster_peers_up': sum(peer.up for peer in peers),

@@ -161,7 +161,11 @@ class Peer:
         self.probing = True
         return None
 
-    def succeeded(self) -> None:
+    def succeeded(self, probe: bool) -> None:
+        """A request to this peer succeeded (`probe`: the one admitted while it was down; a
+        request sent before it went down and answered since does not bring it back)."""
+        if not self.up and not probe:
+            return
         if not self.up:
             log.warning('cluster peer %s answers again: its blocks are read from it again',
                         self.name)

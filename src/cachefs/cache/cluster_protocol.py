@@ -164,7 +164,11 @@ def _check_key(key: str) -> bytes:
     return key.encode('ascii')
 
 
-def get_command(key: str, opaque: int) -> bytes:
+def get_command(key: str, opaque: int, lease: int = 0) -> bytes:
+    """`mg` of a value; with `lease` (seconds), a miss makes memcached keep an empty item for
+    that long and give this client alone the right to fill it (W), the others Z."""
+    if lease:
+        return b'mg %s v N%d O%d\r\n' % (_check_key(key), lease, opaque)
     return b'mg %s v O%d\r\n' % (_check_key(key), opaque)
 
 
@@ -177,6 +181,8 @@ def add_command(key: str, size: int, opaque: int, replace: bool = False) -> byte
 
 
 NOOP_COMMAND = b'mn\r\n'
+WON = 'won'         # a miss, and this client is the one to fetch and fill the block
+BUSY = 'busy'       # a miss that another client is fetching and will fill
 
 
 def parse_reply(line: bytes, opaque: int | None) -> tuple[str, int | None]:
@@ -299,18 +305,30 @@ class MetaConnection:
         if self.pending:
             raise PeerFailure('the peer sent bytes past the end of its reply')
 
-    async def get(self, key: str, length: int) -> tuple[bytes, bytearray] | None:
+    async def get(self, key: str, length: int,
+                  lease: int = 0) -> tuple[bytes, bytearray] | None | str:
         """(header, data) of the value stored under `key`, which must hold a header and
         exactly `length` bytes, or None when the peer has no such key. The data buffer comes
-        from `ufs.block_buffers`; the caller checks the header before trusting either."""
+        from `ufs.block_buffers`; the caller checks the header before trusting either.
+        With `lease` (see `get_command`), a miss is WON (this client fetches and fills the
+        block) or BUSY (another client does)."""
         opaque = self._next_opaque()
-        await self._send(get_command(key, opaque))
-        code, size = parse_reply(await self._line(), opaque)
+        await self._send(get_command(key, opaque, lease))
+        line = await self._line()
+        code, size = parse_reply(line, opaque)
         if code == 'EN':
             self._done()
             return None
         if code != 'VA':
             raise PeerFailure(f'{code} to a get')
+        flags = line.split()[2:]
+        if lease and size == 0 and (b'W' in flags or b'Z' in flags):
+            end = bytearray(2)          # the empty item memcached keeps for the lease
+            await self._exactly(memoryview(end))
+            if end != b'\r\n':
+                raise PeerFailure('a value not ended by CRLF')
+            self._done()
+            return WON if b'W' in flags else BUSY
         if size != HEADER_SIZE + length:
             # refused before a byte of it is read (a huge size allocates nothing); the caller
             # drops the connection, whose unread value it cannot carry on after
