@@ -261,3 +261,22 @@ def test_a_folder_the_store_names_outside_the_prefix_or_twice_fails_the_listing(
             list(store.list_objects())
     finally:
         store.close()
+
+
+@pytest.mark.parametrize('size', [-1, 1 << 63])
+def test_a_listed_size_no_object_can_have_fails_the_listing(seaweed, s3_env, size):
+    """A negative size would make the file a folder in the tree, one beyond int64 fail the saved
+    listing with an OverflowError: the listing fails with a StoreError instead (not retried)."""
+    store = open_store(seaweed.endpoint, 'p/', 1)
+    try:
+        pages = []
+
+        def page(prefix, token, delimiter):
+            pages.append(token)
+            return [(prefix + 'a', 1, 'e', 0), (prefix + 'b', size, 'e', 0)], [], None
+        store._list_page = page
+        with pytest.raises(StoreError, match='size'):
+            list(store.list_objects())
+        assert pages == [None]
+    finally:
+        store.close()

@@ -97,6 +97,19 @@ def warn_about_loose_credentials_files(environ: Mapping[str, str] = os.environ) 
                     'chmod 600 it', path, stat.S_IMODE(st.st_mode))
 
 
+_MAX_SIZE = 1 << 63
+
+
+def _sizes_checked(page: tuple[Any, list[str], str | None]) -> tuple[Any, list[str], str | None]:
+    """`page`, unless it lists a size that no object can have: negative, or beyond int64 (the
+    tree takes a negative size for a folder, the saved listing packs sizes as int64). A store
+    that answers one is broken or hostile: the listing fails (a refresh keeps the tree it has)."""
+    for key, size, _, _ in page[0]:
+        if not 0 <= size < _MAX_SIZE:
+            raise StoreError(f'the store listed {key!r} with size {size}')
+    return page
+
+
 class S3Store(Store):
     def __init__(self, bucket: str, prefix: str, endpoint_url: str | None = None,
                  region: str | None = None, path_style: bool = False,
@@ -239,7 +252,7 @@ class S3Store(Store):
         while True:
             try:
                 try:
-                    return self._list_page(prefix, token, delimiter)
+                    return _sizes_checked(self._list_page(prefix, token, delimiter))
                 except StoreError as exc:
                     raise type(exc)(f'{what}: {exc}') from None
                 except _SDK_ERRORS as exc:
