@@ -464,7 +464,8 @@ CLUSTER_STATS = {
     'cluster_hits': 7, 'cluster_misses': 3, 'cluster_read_bytes': 7 << 20, 'cluster_fills': 3,
     'cluster_fill_bytes': 3 << 20, 'cluster_fills_dropped': 1, 'cluster_fill_errors': 0,
     'cluster_errors': 2, 'cluster_timeouts': 1, 'cluster_refused_blocks': 1,
-    'cluster_skipped': 4, 'cluster_fill_queue': 0, 'cluster_peers': 2, 'cluster_peers_up': 1,
+    'cluster_skipped': 4, 'cluster_waits': 2, 'cluster_wait_timeouts': 1, 'cluster_fill_queue': 0,
+    'cluster_peers': 2, 'cluster_peers_up': 1,
     'cluster_peer_states': {'10.0.0.1:11211': 'up', '10.0.0.2:11211': 'down'}}
 
 
@@ -473,6 +474,7 @@ def test_the_cluster_counters_are_prometheus_metrics():
     families = {f.name: f for f in collect_families(dict(CLUSTER_STATS), {}, LATENCY_BUCKETS)}
     assert families['cachefs_cluster_hits'].samples[0].value == 7
     assert families['cachefs_cluster_refused_blocks'].samples[0].value == 1
+    assert families['cachefs_cluster_wait_timeouts'].samples[0].value == 1
     assert families['cachefs_cluster_peers_up'].samples[0].value == 1
     assert {(s.labels['peer'], s.value) for s in families['cachefs_cluster_peer_up'].samples} \
         == {('10.0.0.1:11211', 1.0), ('10.0.0.2:11211', 0.0)}
@@ -491,7 +493,7 @@ def test_cachefs_stats_shows_the_cluster_lines_only_when_it_is_on():
     assert not [line for line in format_stats(base) if 'cluster' in line]
     lines = format_stats({**base, **CLUSTER_STATS})
     assert 'cluster tier    7 hits (7.0 MiB), 3 misses, 4 skipped, 2 errors (1 timeouts, ' \
-        '1 refused blocks)' in lines
+        "1 refused blocks), 2 waited for another node's fetch (1 in vain)" in lines
     assert 'cluster peers   1 of 2 up; down: 10.0.0.2:11211' in lines
 
 

@@ -350,7 +350,8 @@ def format_stats(stats):
             f"({format_size(stats['cluster_read_bytes'])}), {stats['cluster_misses']} misses, "
             f"{stats['cluster_skipped']} skipped, {stats['cluster_errors']} errors "
             f"({stats['cluster_timeouts']} timeouts, {stats['cluster_refused_blocks']} refused "
-            "blocks)",
+            f"blocks), {stats.get('cluster_waits', 0)} waited for another node's fetch "
+            f"({stats.get('cluster_wait_timeouts', 0)} in vain)",
             f"cluster fills   {stats['cluster_fills']} blocks "
             f"({format_size(stats['cluster_fill_bytes'])}), {stats['cluster_fill_queue']} "
             f"queued, {stats['cluster_fills_dropped']} dropped, "

@@ -64,6 +64,10 @@ COUNTERS = (
      'Blocks from peers refused: bad header, length or checksum.'),
     ('cachefs_cluster_skipped', 'cluster_skipped',
      'Block reads not asked of the cluster: no peer, or their peer down.'),
+    ('cachefs_cluster_waits', 'cluster_waits',
+     'Block reads that waited for another node reading the same block from the store.'),
+    ('cachefs_cluster_wait_timeouts', 'cluster_wait_timeouts',
+     'Of those, reads that stopped waiting and read the store themselves.'),
 )
 GAUGES = (
     ('cachefs_files', 'files', 'Files in the mounted tree.'),
