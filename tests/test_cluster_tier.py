@@ -608,3 +608,45 @@ async def test_a_lease_never_filled_costs_the_others_at_most_the_fill_timeout(me
     assert other.store.reads == [(key, 0)]
     # the bound the option promises (2 x 0.1 s), not a speed figure
     assert 0.15 <= waited < other.lease_wait + 1.0, waited
+
+
+async def test_at_most_max_reads_blocks_are_read_from_peers_at_once():
+    """The budget of the store's reads (--store-concurrency blocks) covers the cluster's."""
+    key = new_key()
+    sealer = Sealer()
+    state = {'now': 0, 'most': 0}
+
+    async def peer(stream):
+        while True:
+            request = b''
+            while b'\r\n' not in request:
+                data = await stream.receive_some(4096)
+                if not data:
+                    return
+                request += data
+            words = request.split()
+            ckey, opaque = words[1].decode(), int(words[-1][1:])
+            state['now'] += 1
+            state['most'] = max(state['most'], state['now'])
+            await trio.sleep(0.05)
+            state['now'] -= 1
+            offset = next(i * BLOCK for i in range(8)
+                          if cluster_key(NAMESPACE, key, '"e"', i * BLOCK, BLOCK, BLOCK) == ckey)
+            data = block_bytes(key, offset, BLOCK)
+            value = sealer.seal(ckey, data) + data
+            await stream.send_all(b'VA %d O%d\r\n' % (len(value), opaque) + value + b'\r\n')
+
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(partial(trio.serve_tcp, peer, 0, host='127.0.0.1'))
+        port = listeners[0].socket.getsockname()[1]
+        node = make_tier(f'memcached://127.0.0.1:{port}', fill_queue=0, max_reads=2)
+        got = {}
+
+        async def read(index):
+            got[index] = await node.read(key, '"e"', index * BLOCK, BLOCK)
+        async with trio.open_nursery() as readers:
+            for index in range(8):
+                readers.start_soon(read, index)
+        nursery.cancel_scope.cancel()
+    assert state['most'] == 2 and node.counters.hits == 8
+    assert all(sha(got[i]) == sha(block_bytes(key, i * BLOCK, BLOCK)) for i in range(8))

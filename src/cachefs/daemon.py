@@ -305,7 +305,8 @@ class Daemon:
                 self.async_store, options.cluster,
                 ClusterTier.namespace_of(f'{self.source}|{options.endpoint_url or ""}'),
                 options.block_size, self.cluster_secret, options.cluster_connect_timeout,
-                options.cluster_timeout, options.cluster_refresh, options.cluster_fill_queue)
+                options.cluster_timeout, options.cluster_refresh, options.cluster_fill_queue,
+                max_reads=options.store_concurrency)
         self.cache = BlockCache(self.cluster or self.async_store, options.block_size,
                                 options.memory_cache_size,
                                 self.disk, options.prefetch_window,

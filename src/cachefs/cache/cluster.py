@@ -24,7 +24,8 @@ Failure rules. A read waits at most `connect_timeout` for a connection and `read
 whole answer, then reads the store; the peer is then down (circuit breaker, cluster_peers.py) and
 skipped without waiting. A block that does not verify is never returned (counted in
 `refused_blocks`; one warning per peer) and is replaced in the cluster by the store's bytes.
-Waiting for one of a peer's connection slots is not bounded separately: every holder is.
+At most `max_reads` blocks (the store's concurrency) are read from peers at once, and at most 64
+connections go to one peer; the wait for either is not bounded separately: every holder is.
 
 Fills. A block read from the store is queued for its peer (a bounded queue of `fill_queue`
 blocks, emptied by `_FILL_WORKERS` tasks); when the queue is full the fill is dropped, never
@@ -119,7 +120,7 @@ class ClusterTier:
     def __init__(self, store: BlockStore, url: ClusterURL | str, namespace: str, block_size: int,
                  secret: bytes | None = None, connect_timeout: float = 0.1,
                  read_timeout: float = 0.5, refresh: float = 30.0, fill_queue: int = 16,
-                 lease: int = LEASE_SECONDS,
+                 lease: int = LEASE_SECONDS, max_reads: int = 32,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.store = store
         self.url = parse_cluster_url(url) if isinstance(url, str) else url
@@ -142,6 +143,9 @@ class ClusterTier:
             tuple[str, Block, bool]](fill_queue)
         self._fill_queue = fill_queue
         self._hashers = trio.CapacityLimiter(8)
+        # block reads from peers under way, each with its block's buffer: as many as the store's
+        # (--store-concurrency), so that the memory budget's store reads cover them too
+        self._reads = trio.CapacityLimiter(max_reads)
 
     @staticmethod
     def namespace_of(source_identity: str) -> str:
@@ -208,8 +212,9 @@ class ClusterTier:
         once per state change), or WON / BUSY (a miss whose lease this node got / another node
         has). Raises `BlockRefused` for a value that is not the block."""
         try:
-            answer = await self._request(peer, self.read_timeout, 'get', ckey, length,
-                                         self.lease)
+            async with self._reads:
+                answer = await self._request(peer, self.read_timeout, 'get', ckey, length,
+                                             self.lease)
             if isinstance(answer, tuple):
                 await self._hashing(self.sealer.check, ckey, *answer)
         except PeerFailure as exc:
