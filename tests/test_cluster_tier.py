@@ -650,3 +650,23 @@ async def test_at_most_max_reads_blocks_are_read_from_peers_at_once():
         nursery.cancel_scope.cancel()
     assert state['most'] == 2 and node.counters.hits == 8
     assert all(sha(got[i]) == sha(block_bytes(key, i * BLOCK, BLOCK)) for i in range(8))
+
+
+async def test_a_peer_that_goes_down_while_a_node_waits_for_a_lease_can_still_be_probed(
+        memcached):
+    key = new_key()
+    winner = make_tier(memcached.url)            # not running: its fill stays queued
+    await winner.read(key, '"e"', 0, BLOCK)
+    clock = Clock()
+    waiting = make_tier(memcached.url, clock=clock, read_timeout=0.5)
+    peer = waiting.peers.peers[0]
+
+    async def take_it_down():
+        await wait_for(lambda: waiting.counters.waits == 1)
+        peer.failed('taken down by the test', probe=False)
+        clock.now += 60                          # due for a probe
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(take_it_down)
+        got = await waiting.read(key, '"e"', 0, BLOCK)
+    assert sha(got) == sha(block_bytes(key, 0, BLOCK))
+    assert peer.admit() is None                  # the next request probes it

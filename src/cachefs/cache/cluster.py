@@ -198,8 +198,8 @@ class ClusterTier:
         while trio.current_time() + delay < deadline:
             await trio.sleep(delay)
             delay = min(delay * 2, 0.1)
-            if peer.admit() is not True:
-                return None         # down meanwhile: the store
+            if not peer.up:
+                return None         # down meanwhile: the store (and no probe taken here)
             found = await self._get(peer, ckey, length, probe=False)
             if found is not BUSY:
                 return found
