@@ -54,9 +54,9 @@ FUSE_REPLY_BYTES = 1 * MiB      # the largest read the kernel sends (with --read
 WRITE_QUEUE_BLOCKS = _MIN_QUEUED_BLOCKS
 # The tree and the listing per file, at their peak: a refresh holds the old tree, the new listing
 # and the new tree at once. Measured on a daemon with 1,281,167 ImageNet-style keys (compact tree,
-# listing turned into columns): peak RSS 927 MiB at the first mount, 1,240 MiB during a refresh,
-# i.e. 966 bytes per file over BASE_BYTES (RSS; freed memory is kept by the allocator, and RSS
-# stays near that peak after the refresh); about 25% headroom.
+# listing turned into columns): peak RSS 927 MiB at the first mount, 1,240-1,283 MiB during
+# refreshes, i.e. up to 1,001 bytes per file over BASE_BYTES (RSS; the allocator keeps what was
+# freed: RSS stays at 1.13-1.16 GiB after a refresh, flat over three); about 20% headroom.
 TREE_BYTES_PER_FILE = 1200
 # Floors, in blocks: below these the tiers stop doing their job.
 MEMORY_CACHE_FLOOR_BLOCKS = 16
