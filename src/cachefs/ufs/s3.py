@@ -17,7 +17,12 @@ retried on transient errors (`list_retry_timeout`); the first page that still fa
 other folders at their next page and fails the listing with that error, as the sequential listing
 would. Listing each folder only when a lookup first reaches it would let the mount answer at once,
 but then the read path would wait on metadata requests, and there would be no complete listing to
-save; with the fan-out the mount answers once the listing is complete, many times sooner.
+save; and a job that indexes its dataset first (ImageFolder, `find`) waits for every folder
+anyway (bench metadata-objects at 1.28M keys: rclone, which lists lazily, answers its first `ls`
+at once but takes 75 s for `find`; cachefs mounts in 32 s, then `find` takes 11 s). With the
+fan-out the mount answers once the listing is complete: 1.28M keys in 26.7 s instead of 34.5 s
+on loopback SeaweedFS (bound by the parsing CPU, ~13 us a key), 22.7 s instead of 58 s with
+20 ms added per request; the gain grows with the store's latency per page.
 Limits: a prefix with a single folder (or none) gains nothing (it is listed sequentially inside
 the folder); each folder costs at least one request, so a prefix of very many tiny folders costs
 more requests than a sequential listing would (splitting the key range with StartAfter would fix
