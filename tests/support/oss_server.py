@@ -604,6 +604,10 @@ class RequestRecord(collections.namedtuple('RequestRecord', 'method bucket key q
 class _HTTPServer(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
+    # socketserver's default listen backlog is 5: a client that opens 32 connections at once
+    # (a cold read with 32 requests in flight) would see SYNs dropped and wait out the 1 s
+    # retransmission, which no real store's front end makes it do.
+    request_queue_size = 128
 
     def __init__(self, address, handler, oss):
         self.oss = oss
