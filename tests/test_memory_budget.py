@@ -45,6 +45,17 @@ def test_formula_drops_prefetch_when_it_is_off_and_the_write_queue_without_an_ss
     assert parts.prefetch == 0 and parts.write_queue == 0
 
 
+def test_the_cluster_tiers_fill_queue_counts_only_with_a_cluster():
+    assert formula_of(defaults(), files=0, ssd_tier=True).cluster_fills == 0
+    with_cluster = formula_of(defaults(cluster='memcached://10.0.0.1', cluster_fill_queue=16),
+                              files=0, ssd_tier=True)
+    # the queue and the 4 fills being sent, a block each
+    assert with_cluster.cluster_fills == (16 + 4) * 4 * MiB
+    assert with_cluster.total == formula_of(defaults(), files=0, ssd_tier=True).total + \
+        with_cluster.cluster_fills
+    assert 'cluster fills 80' in with_cluster.describe()
+
+
 def test_the_defaults_with_an_imagenet_tree_need_gibibytes():
     total = formula_of(defaults(), files=1_281_167, ssd_tier=True).total
     assert 3 * GiB < total < 4 * GiB

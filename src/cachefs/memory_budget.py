@@ -13,7 +13,10 @@ The formula, in bytes (README, "Memory"; each term is a bound, not an average):
                                              memory tier (cache/blocks.py)
   + --store-concurrency x --block-size       a buffer per store request in flight
   + --max-idle-threads x 1 MiB               the reply of each FUSE read in flight
-  + files x 1,500                            the tree and the listing, twice during a refresh
+  + files x 1,200                            the tree and the listing, twice during a refresh
+  + (--cluster-fill-queue + 4) x --block-size
+                                             with --cluster: blocks queued for the cluster and
+                                             the 4 being sent (cache/cluster.py)
   + 60 MiB                                   the interpreter, its libraries, the event loop
 
 The limit: cgroup v2 `memory.max` and cgroup v1 `memory.limit_in_bytes` (hybrid machines keep the
@@ -79,23 +82,26 @@ class Formula:
     fuse_reads: int
     tree: int
     base: int
+    cluster_fills: int = 0
 
     @property
     def total(self) -> int:
         return (self.memory_cache + self.prefetch + self.write_queue + self.store_requests
-                + self.fuse_reads + self.tree + self.base)
+                + self.fuse_reads + self.tree + self.base + self.cluster_fills)
 
     def describe(self) -> str:
-        terms = (('memory tier', self.memory_cache), ('prefetch', self.prefetch),
-                 ('SSD write queue', self.write_queue), ('store requests', self.store_requests),
-                 ('FUSE reads', self.fuse_reads), ('tree', self.tree),
-                 ('interpreter', self.base))
+        terms: tuple[tuple[str, int], ...] = (
+            ('memory tier', self.memory_cache), ('prefetch', self.prefetch),
+            ('SSD write queue', self.write_queue), ('store requests', self.store_requests),
+            ('FUSE reads', self.fuse_reads), ('tree', self.tree), ('interpreter', self.base))
+        if self.cluster_fills:
+            terms += (('cluster fills', self.cluster_fills),)
         return ' + '.join(f'{name} {format_size(value)}' for name, value in terms)
 
 
 def formula(*, block_size: int, memory_cache_size: int, prefetch_memory: int,
             prefetch_window: int, ssd_tier: bool, store_concurrency: int,
-            max_idle_threads: int, files: int) -> Formula:
+            max_idle_threads: int, files: int, cluster_fill_blocks: int = 0) -> Formula:
     return Formula(
         memory_cache=memory_cache_size,
         prefetch=prefetch_memory if prefetch_window > 0 else 0,
@@ -103,7 +109,8 @@ def formula(*, block_size: int, memory_cache_size: int, prefetch_memory: int,
         store_requests=store_concurrency * block_size,
         fuse_reads=max_idle_threads * FUSE_REPLY_BYTES,
         tree=files * TREE_BYTES_PER_FILE,
-        base=BASE_BYTES)
+        base=BASE_BYTES,
+        cluster_fills=cluster_fill_blocks * block_size)
 
 
 def formula_of(options: argparse.Namespace, files: int, ssd_tier: bool) -> Formula:
@@ -112,7 +119,16 @@ def formula_of(options: argparse.Namespace, files: int, ssd_tier: bool) -> Formu
                    prefetch_memory=options.prefetch_memory,
                    prefetch_window=options.prefetch_window, ssd_tier=ssd_tier,
                    store_concurrency=options.store_concurrency,
-                   max_idle_threads=options.max_idle_threads, files=files)
+                   max_idle_threads=options.max_idle_threads, files=files,
+                   cluster_fill_blocks=cluster_fill_blocks(options))
+
+
+def cluster_fill_blocks(options: argparse.Namespace) -> int:
+    """Blocks the cluster tier may hold for its fills: its queue and the blocks being sent."""
+    if not getattr(options, 'cluster', None):
+        return 0
+    from .cache.cluster import _FILL_WORKERS    # the fills being sent, one block each
+    return options.cluster_fill_queue + _FILL_WORKERS
 
 
 def ssd_tier_requested(options: argparse.Namespace) -> bool:
