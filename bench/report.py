@@ -255,10 +255,16 @@ def to_json(result):
     return json.dumps(data, indent=2, default=str)
 
 
-SECTIONS = ('scenarios', 'block-size-sweep', 'get-cost', 'analysis', 'namespace')
+SECTIONS = ('scenarios', 'block-size-sweep', 'get-cost', 'analysis', 'namespace',
+            'metadata-objects', 'oss', 'cold-epoch', 'cluster')
 _TITLE = {'scenarios': 'Scenarios', 'block-size-sweep': 'Block-size sweep',
           'get-cost': 'Cost of one store GET', 'analysis': 'Where the time goes (profiles)',
-          'namespace': 'Namespace at ImageNet scale (in-process)'}
+          'namespace': 'Namespace at ImageNet scale (in-process)',
+          'metadata-objects': 'Metadata at ImageNet scale: 1.28 million objects against s3fs '
+                              'and rclone',
+          'oss': 'OSS reads: oss2 against the lean path',
+          'cold-epoch': 'Cold epoch against boto3, and peak RSS beside the memory formula',
+          'cluster': 'Cluster tier: three nodes pooling their caches'}
 
 
 PLOTS_BEGIN, PLOTS_END = '<!-- plots:begin -->', '<!-- plots:end -->'
