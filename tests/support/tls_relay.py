@@ -26,6 +26,7 @@ class TlsRelay:
         self._listener = socket.create_server(('127.0.0.1', 0))
         self.port = self._listener.getsockname()[1]
         self._sockets = []
+        self._threads = []
         self._stopping = False
 
     @property
@@ -33,11 +34,25 @@ class TlsRelay:
         return f'https://127.0.0.1:{self.port}'
 
     def __enter__(self):
-        threading.Thread(target=self._accept, daemon=True).start()
+        self._start(self._accept)
         return self
 
     def __exit__(self, *exc):
+        # Shut the sockets down (which wakes the pipe threads' recv), wait for the threads, and
+        # only then close them: a socket closed while a thread still uses it frees its number
+        # for the next test's connection, which would then get this relay's bytes.
         self._stopping = True
+        for sock in list(self._sockets):
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        try:
+            self._listener.shutdown(socket.SHUT_RDWR)     # wakes the accept() (Linux)
+        except OSError:
+            pass
+        for thread in list(self._threads):
+            thread.join(timeout=5)
         self._listener.close()
         for sock in list(self._sockets):
             try:
@@ -45,13 +60,18 @@ class TlsRelay:
             except OSError:
                 pass
 
+    def _start(self, target, *args):
+        thread = threading.Thread(target=target, args=args, daemon=True)
+        self._threads.append(thread)
+        thread.start()
+
     def _accept(self):
         while not self._stopping:
             try:
                 client, _ = self._listener.accept()
             except OSError:
                 return
-            threading.Thread(target=self._serve, args=(client,), daemon=True).start()
+            self._start(self._serve, client)
 
     def _serve(self, client):
         try:
@@ -61,7 +81,7 @@ class TlsRelay:
             return
         upstream = socket.create_connection(('127.0.0.1', self.upstream_port))
         self._sockets += [secure, upstream]
-        threading.Thread(target=self._pipe, args=(upstream, secure), daemon=True).start()
+        self._start(self._pipe, upstream, secure)
         self._pipe(secure, upstream)
 
     @staticmethod
