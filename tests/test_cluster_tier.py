@@ -670,3 +670,25 @@ async def test_a_peer_that_goes_down_while_a_node_waits_for_a_lease_can_still_be
         got = await waiting.read(key, '"e"', 0, BLOCK)
     assert sha(got) == sha(block_bytes(key, 0, BLOCK))
     assert peer.admit() is None                  # the next request probes it
+
+
+@pytest.mark.fuse
+@pytest.mark.parametrize('mode', [['--foreground'], []], ids=['foreground', 'background'])
+@pytest.mark.parametrize('secret, message', [
+    ('short\n', 'the secret must be at least 16 bytes'),
+    (None, 'No such file or directory'),
+])
+def test_a_bad_secret_file_is_one_line_and_exit_2_before_anything_is_made(tmp_path, mode, secret,
+                                                                         message):
+    path = tmp_path / 'secret'
+    if secret is not None:
+        path.write_text(secret)
+    mountpoint = tmp_path / 'mnt'
+    mountpoint.mkdir()
+    result = run_cachefs('mount', tmp_path, mountpoint, '--cache-dir', tmp_path / 'cache',
+                         '--cluster', 'memcached://127.0.0.1:1', '--cluster-secret-file', path,
+                         *mode, timeout=60)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr == f'cachefs: error: --cluster-secret-file {path}: {message}' + (
+        ' (e.g. openssl rand -hex 32)\n' if secret else '\n')
+    assert not (tmp_path / 'cache').exists()

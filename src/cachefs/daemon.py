@@ -175,14 +175,14 @@ class Daemon:
         options = self.options
         mounts.check_fuse_device()
         mounts.check_mountpoint(self.mountpoint)
+        if options.cluster and options.cluster_secret_file:
+            self.cluster_secret = read_secret(options.cluster_secret_file)
         self.store = open_store(self.source, options)
         cache_dir = options.cache_dir or default_cache_dir()
         self.cache_folder = prepare_cache_folder(
             cache_dir, source_folder_name(self.source, options.endpoint_url), self.mountpoint)
         self.folder = self.cache_folder.path
         self.disk = self.make_disk_tier()
-        if options.cluster and options.cluster_secret_file:
-            self.cluster_secret = read_secret(options.cluster_secret_file)
         # Options the user gave that cannot fit the memory limit are refused before the listing
         # (which may take minutes); the sizing itself waits for it, because the tree's share is
         # only known then (1.28M files are about 1.8 GiB: more than the default caches).
