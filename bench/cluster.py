@@ -59,9 +59,10 @@ def parse_size(text):
 
 # -- the reader (`cluster.py reader JSON`, one process per node) --
 
-def run_reader(root, files, seed, progress=None):
+def run_reader(root, files, seed, progress=None, keep_wrong=None):
     """Read every file of `files` ({relpath: [size, sha256]}) under `root` in a shuffled order;
-    counts, bytes and seconds. `progress`: a file this process appends a byte to per file."""
+    counts, bytes and seconds. `progress`: a file this process appends a byte to per file;
+    `keep_wrong`: a folder where the bytes read of a file whose sha256 is wrong are written."""
     order = sorted(files)
     random.Random(seed).shuffle(order)
     result = {'files': 0, 'bytes': 0, 'wrong': [], 'errors': []}
@@ -71,6 +72,7 @@ def run_reader(root, files, seed, progress=None):
     for relpath in order:
         digest = hashlib.sha256()
         size = 0
+        content = [] if keep_wrong else None
         try:
             with open(os.path.join(root, relpath), 'rb', buffering=0) as f:
                 while True:
@@ -78,6 +80,8 @@ def run_reader(root, files, seed, progress=None):
                     if not n:
                         break
                     digest.update(memoryview(buffer)[:n])
+                    if content is not None:
+                        content.append(bytes(buffer[:n]))
                     size += n
         except OSError as exc:
             result['errors'].append(f'{relpath}: {exc}')
@@ -86,6 +90,9 @@ def run_reader(root, files, seed, progress=None):
         result['bytes'] += size
         if [size, digest.hexdigest()] != list(files[relpath]):
             result['wrong'].append(relpath)
+            if content is not None:
+                Path(keep_wrong).mkdir(parents=True, exist_ok=True)
+                Path(keep_wrong, f'{seed}-{relpath}').write_bytes(b''.join(content))
         if tick:
             tick.write(b'.')
     result['seconds'] = time.monotonic() - start
@@ -140,7 +147,8 @@ def cluster_deltas(before, after):
     return {k: after[k] if k in GAUGES else after[k] - before.get(k, 0) for k in keys}
 
 
-def run_epoch(rig, mounts, proxy, manifest, epoch, kill_after=None, kill_node=1):
+def run_epoch(rig, mounts, proxy, manifest, epoch, kill_after=None, kill_node=1,
+              keep_wrong=None):
     """Every node reads the dataset at once; the epoch's figures."""
     from cachefs.demo.pagecache import drop_page_cache
     drop_page_cache()
@@ -151,7 +159,7 @@ def run_epoch(rig, mounts, proxy, manifest, epoch, kill_after=None, kill_node=1)
     for m, tick in zip(mounts, progress):
         tick.unlink(missing_ok=True)
         spec = {'root': str(m.path), 'files': manifest, 'seed': epoch * 100 + m.node.index,
-                'progress': str(tick)}
+                'progress': str(tick), 'keep_wrong': keep_wrong}
         procs.append(subprocess.Popen([sys.executable, __file__, 'reader'], stdin=subprocess.PIPE,
                                       stdout=subprocess.PIPE, text=True))
         procs[-1].stdin.write(json.dumps(spec))
@@ -208,19 +216,23 @@ def run_mode(rig, proxy, far, prefix, manifest, mode, options):
                          log_level='info')
               for node in rig.nodes]
     rows = []
+    keep = options.keep_wrong and str(Path(options.keep_wrong, mode))
     try:
         for epoch in range(1, options.epochs + 1):
-            rows.append(dict(run_epoch(rig, mounts, proxy, manifest, epoch), mode=mode))
+            rows.append(dict(run_epoch(rig, mounts, proxy, manifest, epoch, keep_wrong=keep),
+                             mode=mode))
             print(json.dumps(rows[-1]), flush=True)
         if mode == 'on' and not options.no_kill:
             last = rows[-1]
             seconds = max(sum(manifest[k][0] for k in manifest) / MiB / max(s, 0.1)
                           for s in last['mib_s_per_node'])
             rows.append(dict(run_epoch(rig, mounts, proxy, manifest, options.epochs + 1,
-                                       kill_after=seconds), mode='on, node 1 engine killed'))
+                                       kill_after=seconds, keep_wrong=keep),
+                             mode='on, node 1 engine killed'))
             print(json.dumps(rows[-1]), flush=True)
             rig.nodes[1].memcached.start()
-            rows.append(dict(run_epoch(rig, mounts, proxy, manifest, options.epochs + 2),
+            rows.append(dict(run_epoch(rig, mounts, proxy, manifest, options.epochs + 2,
+                                       keep_wrong=keep),
                              mode='on, node 1 engine restarted (empty)'))
             print(json.dumps(rows[-1]), flush=True)
     finally:
@@ -250,6 +262,8 @@ def main(argv=None):
     parser.add_argument('--cluster-args', default='',
                         help='more mount options for the tier, space-separated')
     parser.add_argument('--mount-args', default='', help='more mount options, space-separated')
+    parser.add_argument('--keep-wrong', help='a folder for the bytes read of files whose sha256 '
+                        'was wrong (per mode, named EPOCH*100+NODE-FILE)')
     parser.add_argument('--json-out')
     options = parser.parse_args(argv)
     options.capacity_bytes = parse_size(options.capacity)
