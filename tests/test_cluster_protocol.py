@@ -382,10 +382,11 @@ async def test_peers_are_resolved_again_and_keep_their_state(caplog):
     assert [p.name for p in peers.peers] == ['10.0.0.7:11300']     # IPs need no resolver
     await peers.refresh(resolve)
     assert [p.name for p in peers.peers] == ['10.0.0.1:11211', '10.0.0.2:11211', '10.0.0.7:11300']
-    first = peers.peers[0]
+    first, second = peers.peers[0], peers.peers[1]
     first.failed('x', probe=False)
     answers['cache.svc'] = [('10.0.0.1', 11211), ('10.0.0.3', 11211)]
     await peers.refresh(resolve)
+    assert second.retired and not first.retired     # a removed peer keeps no idle connection
     assert [p.name for p in peers.peers] == ['10.0.0.1:11211', '10.0.0.3:11211', '10.0.0.7:11300']
     assert peers.peers[0] is first and not first.up
     caplog.set_level(logging.WARNING, 'cachefs.cache.cluster_peers')

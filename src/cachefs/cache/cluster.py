@@ -312,7 +312,7 @@ class ClusterTier:
 
     @staticmethod
     def _release(peer: Peer, connection: MetaConnection) -> None:
-        if peer.up and len(peer.idle) < _MAX_IDLE:
+        if peer.up and not peer.retired and len(peer.idle) < _MAX_IDLE:
             connection.idle_since = time.monotonic()
             peer.idle.append(connection)
         else:

@@ -134,7 +134,7 @@ class Peer:
     """One memcached node: its address, its idle connections and its circuit breaker."""
 
     __slots__ = ('name', 'ip', 'port', 'up', 'down_until', 'backoff', 'probing', 'idle',
-                 'slots', 'refused_logged', 'too_large_logged', '_clock')
+                 'slots', 'refused_logged', 'too_large_logged', 'retired', '_clock')
 
     def __init__(self, ip: str, port: int, clock: Callable[[], float] = time.monotonic,
                  max_connections: int = 64) -> None:
@@ -149,6 +149,7 @@ class Peer:
         self.slots = trio.CapacityLimiter(max_connections)
         self.refused_logged = False     # one warning for the first block refused from it
         self.too_large_logged = False   # one warning when it refuses items as too large
+        self.retired = False            # no longer resolved: keeps no idle connection
         self._clock = clock
 
     def admit(self) -> bool | None:
@@ -222,6 +223,7 @@ class PeerSet:
         old = {peer.name for peer in self.peers}
         new = {peer.name for peer in peers}
         for name in old - new:
+            self._by_name[name].retired = True
             self._by_name[name].close_idle()
         if old and old != new:
             log.info('cluster peers: %d (added %s, removed %s)', len(peers),
