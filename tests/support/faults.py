@@ -123,6 +123,9 @@ class SeededMix:
 class _FaultServer(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
+    # socketserver listens with a backlog of 5: a daemon opening 32 connections at once would
+    # have SYNs dropped and wait out the 1 s retransmit
+    request_queue_size = 128
 
     def __init__(self, address, proxy):
         self.proxy = proxy

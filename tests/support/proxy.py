@@ -14,6 +14,12 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 log = logging.getLogger(__name__)
 
+
+class _ProxyServer(ThreadingHTTPServer):
+    # socketserver listens with a backlog of 5: a daemon opening 32 connections at once would
+    # have SYNs dropped and wait out the 1 s retransmit
+    request_queue_size = 128
+
 _HOP_BY_HOP = {'connection', 'keep-alive', 'proxy-connection', 'transfer-encoding', 'upgrade',
                'te', 'trailer'}
 
@@ -85,7 +91,7 @@ class CountingProxy:
         self.in_flight = 0
         self.max_in_flight = 0          # high-water mark of requests in flight, since reset()
         self.bytes_sent = 0             # body bytes forwarded to clients, since reset()
-        self._server = ThreadingHTTPServer((host, 0), _Handler)
+        self._server = _ProxyServer((host, 0), _Handler)
         self._server.daemon_threads = True
         self._server.proxy = self
         self._thread = None
