@@ -595,7 +595,7 @@ async def test_nodes_that_miss_a_block_at_once_read_it_from_the_store_once(memca
     assert winner.counters.fills == 1
 
 
-async def test_a_lease_never_filled_costs_the_others_at_most_the_fill_timeout(memcached):
+async def test_a_lease_never_filled_costs_the_others_at_most_twice_the_timeout(memcached):
     key = new_key()
     winner = make_tier(memcached.url)           # not running: its fill stays queued
     await winner.read(key, '"e"', 0, BLOCK)
