@@ -116,6 +116,17 @@ def test_an_unkeyed_block_claiming_to_be_keyed_is_refused():
         ours.check(KEY, bytes(header), DATA)
 
 
+@pytest.mark.parametrize('secret', [None, b'our-secret-of-16+bytes'], ids=['unkeyed', 'keyed'])
+def test_a_block_of_format_version_1_is_refused(secret):
+    # version 1 carried a BLAKE2b checksum: a block a node of the older format filled is not
+    # checked against today's checksum, it is refused (and then replaced by the store's bytes)
+    sealer = Sealer(secret)
+    header = bytearray(sealer.seal(KEY, DATA))
+    header[4] = 1
+    with pytest.raises(BlockRefused, match='not a cachefs block of this version'):
+        sealer.check(KEY, bytes(header), DATA)
+
+
 # -- the meta protocol --
 
 @pytest.mark.parametrize('line, opaque, expected', [
