@@ -21,7 +21,6 @@ time, age and requests, an idle connection the store closed replaced once.
 
 import logging
 import os
-import re
 import ssl
 from urllib.parse import quote, urlsplit
 
@@ -29,14 +28,12 @@ import requests.certs
 import requests.utils
 
 from .oss_errors import classify
-from .s3_get import UseSdk, range_headers
+from .s3_get import UseSdk, error_answer, range_headers
 from .s3_trio import PooledGetter
 
 log = logging.getLogger(__name__)
 
 _PROBE_KEY = 'cachefs-url-probe'
-_ERROR_CODE = re.compile(rb'<Code>([^<]{1,128})</Code>')
-_ERROR_MESSAGE = re.compile(rb'<Message>([^<]{0,512})</Message>')
 
 
 def ca_bundle():
@@ -92,8 +89,4 @@ class OssTrioGetter(PooledGetter):
 
     @staticmethod
     def _error(status, body):
-        code_match = _ERROR_CODE.search(body)
-        message_match = _ERROR_MESSAGE.search(body)
-        code = code_match.group(1).decode('ascii', 'replace') if code_match else ''
-        message = message_match.group(1).decode('utf-8', 'replace') if message_match else ''
-        raise classify(code, status, f'{code or status} {message}'.rstrip())
+        raise error_answer(status, body, classify)

@@ -125,6 +125,16 @@ def classify(code, status, message):
     return StoreError(message)
 
 
+def error_answer(status, body, classify=classify):
+    """The `StoreError` of an error answer: `classify` (a store's table: S3's here, OSS's in
+    `oss_errors`) of the <Code> and HTTP status, with the <Message>, of its XML `body`."""
+    code_match = _ERROR_CODE.search(body)
+    message_match = _ERROR_MESSAGE.search(body)
+    code = code_match.group(1).decode('ascii', 'replace') if code_match else ''
+    message = message_match.group(1).decode('utf-8', 'replace') if message_match else ''
+    return classify(code, status, f'{code or status} {message}'.rstrip())
+
+
 class UseSdk(Exception):
     """This request needs botocore's full handling (a redirect, an unexpected answer)."""
 
@@ -184,11 +194,7 @@ class LeanRequests:
 
     @staticmethod
     def _error(status, body):
-        code_match = _ERROR_CODE.search(body)
-        message_match = _ERROR_MESSAGE.search(body)
-        code = code_match.group(1).decode('ascii', 'replace') if code_match else ''
-        message = message_match.group(1).decode('utf-8', 'replace') if message_match else ''
-        raise classify(code, status, f'{code or status} {message}'.rstrip())
+        raise error_answer(status, body)
 
 
 class RangedGetter(LeanRequests):
