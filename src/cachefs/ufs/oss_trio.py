@@ -8,10 +8,11 @@ first epoch over small files is one GET per file (bench/oss_cost.py measures bot
 
 What stays oss2's: the object URL (`Bucket._make_url`: path style for IP and localhost
 endpoints and with --path-style, virtual-host style otherwise, the key percent-encoded with '/'
-too), checked once for its shape; the signature's rules (`OssSigner.matching` compares ours with
-oss2's on a probe). The TLS trust is requests' (REQUESTS_CA_BUNDLE, CURL_CA_BUNDLE, else
-certifi's bundle), as oss2's session has it. Where requests would go through a proxy
-(HTTP(S)_PROXY for the endpoint), or the signature differs, the store keeps oss2 for reads.
+too), checked once for its shape and for the encoding of a key of odd characters; the
+signature's rules (`OssSigner.matching` compares ours with oss2's on a probe). The TLS
+trust is requests' (REQUESTS_CA_BUNDLE, CURL_CA_BUNDLE, else certifi's bundle), as oss2's
+session has it. Where requests would go through a proxy (HTTP(S)_PROXY for the endpoint),
+or the signature differs, the store keeps oss2 for reads.
 An answer outside `s3_get.HANDLED` (a redirect, 400, 416) or a success body without a
 Content-Length raises `UseSdk`, and the store repeats that read through oss2 (`s3_detour`).
 Every check of `s3_trio` applies: the exact range, length and ETag of the answer before its
@@ -28,6 +29,7 @@ import requests.certs
 import requests.utils
 
 from .oss_errors import classify
+from .oss_sign import PROBE_KEY
 from .s3_get import UseSdk, error_answer, range_headers
 from .s3_trio import PooledGetter
 
@@ -55,6 +57,10 @@ class OssTrioGetter(PooledGetter):
                          f'{parts.path}')
         self._prefix = url[:-len(_PROBE_KEY)]
         self._path_prefix = parts.path[:-len(_PROBE_KEY)]
+        # the keys' encoding too, on the signature probe's key of odd characters
+        odd = urlsplit(bucket._make_url(bucket.bucket_name, PROBE_KEY)).path
+        if odd != self._target(PROBE_KEY):
+            raise UseSdk(f'oss2 encodes keys another way ({odd!r})')
         self._host_header = parts.netloc            # as requests sends it
         self._signer = signer
         context = None
@@ -78,14 +84,17 @@ class OssTrioGetter(PooledGetter):
         headers['x-oss-range-behavior'] = 'standard'
         return headers
 
-    def _signed(self, key, headers):
-        """The request's bytes: the key percent-encoded as oss2 does ('/' too), signed over
-        the key as it is."""
+    def _target(self, key):
+        """The request target of `key`: percent-encoded as oss2 does ('/' too)."""
         try:
-            target = self._path_prefix + quote(key, safe='')
+            return self._path_prefix + quote(key, safe='')
         except UnicodeEncodeError:
             raise UseSdk('a key that is not valid UTF-8') from None
-        return self._request_bytes(target, self._host_header, self._signer.sign(key, headers))
+
+    def _signed(self, key, headers):
+        """The request's bytes: the key encoded (`_target`), signed over the key as it is."""
+        return self._request_bytes(self._target(key), self._host_header,
+                                   self._signer.sign(key, headers))
 
     @staticmethod
     def _error(status, body):
