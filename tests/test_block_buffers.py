@@ -90,6 +90,17 @@ def test_a_buffer_something_else_holds_is_never_reused(pool, hold):
     del holder
 
 
+def give_back_a_parameter(buffer):
+    return block_buffers.recycle(buffer)
+
+
+def test_a_buffer_given_back_by_a_callee_while_its_caller_holds_it_is_never_reused(pool):
+    # the caller's reference must not pass for the giver's own (a borrowed parameter, 3.14)
+    buffer = filled(pool)
+    assert not give_back_a_parameter(buffer)
+    assert pool.free == [] and pool.refused == 1
+
+
 def test_a_buffer_a_suspended_task_holds_is_never_reused(pool):
     async def main():
         buffer = filled(pool)

@@ -4,8 +4,11 @@ allocated (fresh, reused) is decided here and not in every read path.
 The lean read paths (`s3_trio`, and any store that reads into a buffer of its own) take the
 buffer for a block from `new_block_buffer`, and must fill every byte of it before anyone else
 sees it (they do: a short answer raises and the buffer is dropped). So a buffer is handed out
-without being zeroed: a fresh one is not cleared by Python (the kernel zeroes the pages it maps
-anyway), a recycled one still holds an older block until the read overwrites it.
+without being zeroed: a recycled one still holds an older block until the read overwrites it,
+and a fresh one is not zeroed either: malloc may serve it from memory this process freed
+(glibc raises its mmap threshold after the first freed block, and block-sized buffers then come
+from the heap with whatever was there: measured, 128 KiB of an older block's bytes in a fresh
+4 MiB buffer). A byte left unfilled would show a reader another block's, or the daemon's, bytes.
 
 Recycling: the block cache gives back (`recycle`) the buffer of a block that left it for good (a
 block evicted from the memory tier, or written to the SSD after leaving memory); the buffer is
@@ -22,7 +25,12 @@ a reference), the SSD write queue or a writer thread (an abandoned one too), a p
 of the fetch: each holds a reference. `recycle` counts the buffer's references
 (`sys.getrefcount`) and keeps it only when they are exactly the caller's own, as measured once
 at import with the same call shape (`_UNSHARED`); anything more and the buffer is left to the
-garbage collector. A caller gives back a buffer it holds in one local variable and then drops.
+garbage collector. A caller gives back a buffer it holds in one local variable and then drops,
+a variable it assigned itself (taken out of a container), not a parameter it was passed: from
+Python 3.14 a parameter may hold a borrowed reference that getrefcount does not count, and the
+count would then take its caller's reference for the giver's own (3.11-3.13 count every frame's
+reference; `_UNSHARED` is 4 there). tests/test_block_buffers.py checks the rule on the running
+interpreter.
 Everything here runs on the trio thread (list appends and pops are atomic anyway).
 """
 
