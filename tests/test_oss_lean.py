@@ -210,6 +210,19 @@ async def test_https_reads_verify_the_server_certificate_with_requests_ca_bundle
         await trio.sleep(0.3)
 
 
+def test_a_ca_bundle_that_cannot_be_loaded_keeps_oss2_and_a_folder_of_certificates_is_taken(
+        tmp_path, monkeypatch):
+    monkeypatch.setenv('OSS_ACCESS_KEY_ID', 'id')
+    monkeypatch.setenv('OSS_ACCESS_KEY_SECRET', 'secret')
+    for name in ('HTTP_PROXY', 'HTTPS_PROXY', 'http_proxy', 'https_proxy'):
+        monkeypatch.delenv(name, raising=False)
+    (tmp_path / 'empty.pem').write_bytes(b'')
+    for bundle, paths in ((tmp_path / 'absent.pem', ('oss2',)), (tmp_path / 'empty.pem', ('oss2',)),
+                          (tmp_path, ('oss2', 'trio'))):      # requests takes a folder too
+        monkeypatch.setenv('REQUESTS_CA_BUNDLE', str(bundle))
+        assert OssStore('bkt', '', 'https://127.0.0.1:9').read_paths() == paths, bundle
+
+
 def test_a_client_behind_a_proxy_keeps_oss2(oss_env, monkeypatch):
     monkeypatch.setenv('HTTP_PROXY', 'http://127.0.0.1:9')
     monkeypatch.delenv('NO_PROXY', raising=False)

@@ -44,6 +44,19 @@ def ca_bundle():
             or requests.certs.where())
 
 
+def ssl_context():
+    """A TLS context that trusts what requests does: the `ca_bundle` file, or the folder of
+    certificates it names (requests takes a folder too). Raises `UseSdk` (oss2 keeps reads)
+    when it cannot be loaded: a missing or empty bundle must not fail the mount here."""
+    bundle = ca_bundle()
+    try:
+        if os.path.isdir(bundle):
+            return ssl.create_default_context(capath=bundle)
+        return ssl.create_default_context(cafile=bundle)
+    except OSError as exc:          # ssl.SSLError too
+        raise UseSdk(f'the CA bundle {bundle} cannot be loaded ({exc})') from None
+
+
 class OssTrioGetter(PooledGetter):
     """Signed ranged GETs of one OSS bucket's object versions over pooled trio connections."""
 
@@ -65,7 +78,7 @@ class OssTrioGetter(PooledGetter):
         self._signer = signer
         context = None
         if parts.scheme == 'https':
-            context = ssl.create_default_context(cafile=ca_bundle())
+            context = ssl_context()
         self._open_pool(self._prefix, context)
 
     @staticmethod
