@@ -22,7 +22,6 @@ time, age and requests, an idle connection the store closed replaced once.
 
 import logging
 import os
-import ssl
 from urllib.parse import quote, urlsplit
 
 import requests.certs
@@ -31,7 +30,7 @@ import requests.utils
 from .oss_errors import classify
 from .oss_sign import PROBE_KEY
 from .s3_get import UseSdk, error_answer, range_headers
-from .s3_trio import PooledGetter
+from .s3_trio import PooledGetter, verifying_context
 
 log = logging.getLogger(__name__)
 
@@ -50,9 +49,7 @@ def ssl_context():
     when it cannot be loaded: a missing or empty bundle must not fail the mount here."""
     bundle = ca_bundle()
     try:
-        if os.path.isdir(bundle):
-            return ssl.create_default_context(capath=bundle)
-        return ssl.create_default_context(cafile=bundle)
+        return verifying_context(bundle)
     except OSError as exc:          # ssl.SSLError too
         raise UseSdk(f'the CA bundle {bundle} cannot be loaded ({exc})') from None
 

@@ -32,6 +32,7 @@ URL, signature and error codes, `oss_trio.OssTrioGetter` OSS's.
 
 from __future__ import annotations
 
+import os
 import re
 import select
 import ssl
@@ -127,6 +128,14 @@ class _Connection:
         poller = select.poll()
         poller.register(self._socket(), select.POLLIN)
         return bool(poller.poll(0))
+
+
+def verifying_context(bundle):
+    """A TLS context that trusts the certificates in `bundle` (None: the system's): a file, or
+    a folder of them, as botocore and requests take either."""
+    if bundle is not None and os.path.isdir(bundle):
+        return ssl.create_default_context(capath=bundle)
+    return ssl.create_default_context(cafile=bundle)
 
 
 def _reason(exc):
@@ -328,7 +337,7 @@ class TrioGetter(LeanRequests, PooledGetter):
     @staticmethod
     def _ssl_context(http_session):
         verify = getattr(http_session, '_verify', True)
-        context = ssl.create_default_context(cafile=get_cert_path(verify) if verify else None)
+        context = verifying_context(get_cert_path(verify) if verify else None)
         if verify is False:           # the client was made with verify=False (--no-verify-ssl)
             context.check_hostname = False
             context.verify_mode = ssl.CERT_NONE
