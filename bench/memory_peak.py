@@ -28,25 +28,17 @@ if str(BENCH_DIR.parent) not in sys.path:
 from bench import datasets, host, systems, workers  # noqa: E402
 from bench.store import Store  # noqa: E402
 from cachefs import memory_budget  # noqa: E402
-from cachefs.config import MOUNT_OPTIONS  # noqa: E402
+from cachefs import config  # noqa: E402
 from cachefs.units import format_size, parse_size  # noqa: E402
 
 MiB = 1 << 20
 
 
-def mount_namespace(extra):
-    """The mount's options as the formula reads them: the defaults, then `extra`."""
-    values = {o.name.replace('-', '_'): o.default for o in MOUNT_OPTIONS}
-    for name, value in extra.items():
-        attribute = name.lstrip('-').replace('-', '_')
-        if attribute in ('block_size', 'memory_cache_size', 'prefetch_memory',
-                         'prefetch_window'):
-            values[attribute] = parse_size(value)
-        elif attribute in ('store_concurrency', 'max_idle_threads'):
-            values[attribute] = int(value)
-        else:
-            values[attribute] = value
-    return argparse.Namespace(**values)
+def mount_namespace(mount_options):
+    """The mount's options as the formula reads them, parsed as `cachefs mount` parses them."""
+    parser = argparse.ArgumentParser()
+    config.add_mount_options(parser)
+    return parser.parse_args(mount_options)
 
 
 def status_kib(pid, field):
@@ -98,7 +90,7 @@ def main(argv=None):
             peak_kib = status_kib(mount.pid, 'VmHWM')
             end_kib = status_kib(mount.pid, 'VmRSS')
             stats = mount.stats()
-        namespace = mount_namespace(extra)
+        namespace = mount_namespace(options.mount_options)
         ssd_tier = memory_budget.ssd_tier_requested(namespace)
         formula = memory_budget.formula_of(namespace, len(part.paths), ssd_tier)
     finally:
@@ -113,6 +105,8 @@ def main(argv=None):
             ('FUSE reads (--max-idle-threads x 1 MiB)', formula.fuse_reads),
             ('tree (files x TREE_BYTES_PER_FILE)', formula.tree),
             ('interpreter and libraries', formula.base),
+            *([('cluster fills (--cluster-fill-queue + 4 blocks)', formula.cluster_fills)]
+              if formula.cluster_fills else []),
             ('formula total', formula.total),
             ("formula total as the daemon computes it (stats)", stats['memory_budget_bytes'])]
     measured = [('daemon RSS after mount', start_kib * 1024),
