@@ -1,7 +1,8 @@
 """Where the buffers that store reads fill come from: one place, so that how block memory is
 allocated (fresh, reused) is decided here and not in every read path.
 
-The lean read paths (`s3_trio`, and any store that reads into a buffer of its own) take the
+The reads that fill a buffer of their own (the trio paths of S3 and OSS, `s3_trio`'s
+PooledGetter, and the cluster tier's reads from peers, cache/cluster_protocol.py) take the
 buffer for a block from `new_block_buffer`, and must fill every byte of it before anyone else
 sees it (they do: a short answer raises and the buffer is dropped). So a buffer is handed out
 without being zeroed: a recycled one still holds an older block until the read overwrites it,
