@@ -7,6 +7,7 @@ import hashlib
 import os
 import random
 import threading
+import time
 import uuid
 
 import pytest
@@ -33,7 +34,8 @@ def pressure_source(seaweed, s3_proxy, s3_source, tmp_path):
 
 def read_epoch(mount, files, seed):
     """16 threads read every file whole (sha256) in a shuffled order while 4 threads read
-    random ranges and compare them with the source; returns the mismatches."""
+    random ranges and compare them with the source; returns the mismatches, the reads that
+    failed and the threads still reading after 300 s."""
     names = sorted(files)
     random.Random(seed).shuffle(names)
     wrong = []
@@ -59,13 +61,22 @@ def read_epoch(mount, files, seed):
             if got != data[offset:offset + length]:
                 wrong.append(f'{name}@{offset}+{length}')
 
-    threads = [threading.Thread(target=whole, args=(names[i::16],)) for i in range(16)]
-    threads += [threading.Thread(target=ranges, args=(random.Random(seed * 10 + i),))
+    def failing(read, *args):
+        try:
+            read(*args)
+        except Exception as exc:        # an EIO, say: a failed read, not a thread's warning
+            wrong.append(f'{read.__name__}: {exc!r}')
+
+    threads = [threading.Thread(target=failing, args=(whole, names[i::16])) for i in range(16)]
+    threads += [threading.Thread(target=failing, args=(ranges, random.Random(seed * 10 + i)))
                 for i in range(4)]
     for thread in threads:
         thread.start()
+    deadline = time.monotonic() + 300
     for thread in threads:
-        thread.join(timeout=300)
+        thread.join(timeout=max(0, deadline - time.monotonic()))
+    wrong += [f'{thread.name} still reading after 300 s' for thread in threads
+              if thread.is_alive()]
     return wrong
 
 
