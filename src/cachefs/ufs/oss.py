@@ -23,11 +23,11 @@ import requests.exceptions
 from . import etags
 from .base import ObjectInfo, Store
 from .errors import CredentialsMissing, EndpointUnreachable, StoreError, TransientError
-from .oss_errors import classify
+from .oss_errors import OSS_CODES
 from .oss_sign import OssSigner
 from .oss_trio import OssTrioGetter
 from .s3_detour import Detour
-from .s3_get import UseSdk, check_ranged_answer, header_values
+from .s3_get import UseSdk, check_ranged_answer, classify, header_values
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ def translate(exc: BaseException, what: str) -> StoreError:
         return TransientError(f'{what}: {type(cause).__name__}')
     if isinstance(exc, oss2.exceptions.OssError):
         message = f'{what}: {exc.code or exc.status} {exc.message or ""}'.rstrip()
-        return classify(exc.code or '', exc.status, message)
+        return classify(exc.code or '', exc.status, message, OSS_CODES)
     return TransientError(f'{what}: {type(exc).__name__}: {exc}')
 
 

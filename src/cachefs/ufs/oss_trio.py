@@ -27,7 +27,7 @@ from urllib.parse import quote, urlsplit
 import requests.certs
 import requests.utils
 
-from .oss_errors import classify
+from .oss_errors import OSS_CODES
 from .oss_sign import PROBE_KEY
 from .s3_get import UseSdk, error_answer, range_headers
 from .s3_trio import PooledGetter, verifying_context
@@ -108,4 +108,4 @@ class OssTrioGetter(PooledGetter):
 
     @staticmethod
     def _error(status, body):
-        raise error_answer(status, body, classify)
+        raise error_answer(status, body, OSS_CODES)

@@ -17,6 +17,7 @@ through `client.get_object`, which knows every S3 corner (region redirects, for 
 
 import logging
 import re
+from typing import NamedTuple
 from urllib.parse import quote, urlsplit, urlunsplit
 
 import urllib3.exceptions
@@ -36,12 +37,28 @@ _ERROR_MESSAGE = re.compile(rb'<Message>([^<]{0,512})</Message>')
 #: statuses whose meaning does not depend on S3's corners; any other one goes to the SDK
 HANDLED = {200, 206, 403, 404, 412, 429, 500, 502, 503, 504}
 
-_NOT_FOUND = {'NoSuchKey', '404', 'NotFound'}
-_DENIED = {'AccessDenied', '403', 'InvalidAccessKeyId', 'SignatureDoesNotMatch', 'ExpiredToken',
-           'InvalidToken', 'AllAccessDisabled', 'AccountProblem', 'TokenRefreshRequired'}
-_CHANGED = {'PreconditionFailed', '412'}
-_TRANSIENT = {'SlowDown', 'Throttling', 'ThrottlingException', 'RequestTimeout', 'InternalError',
-              'ServiceUnavailable', 'RequestTimeTooSkewed', '500', '502', '503', '504'}
+
+
+class ErrorCodes(NamedTuple):
+    """A store's error codes, by what `classify` makes of them."""
+    not_found: frozenset[str]
+    denied: frozenset[str]
+    changed: frozenset[str]
+    transient: frozenset[str]
+    #: a 404 is a missing object whatever its code (OSS); else only with a `not_found` code
+    #: (S3: a 404 of another code, NoSuchVersion say, is another error)
+    not_found_status: bool = False
+
+
+S3_CODES = ErrorCodes(
+    not_found=frozenset({'NoSuchKey', '404', 'NotFound'}),
+    denied=frozenset({'AccessDenied', '403', 'InvalidAccessKeyId', 'SignatureDoesNotMatch',
+                      'ExpiredToken', 'InvalidToken', 'AllAccessDisabled', 'AccountProblem',
+                      'TokenRefreshRequired'}),
+    changed=frozenset({'PreconditionFailed', '412'}),
+    transient=frozenset({'SlowDown', 'Throttling', 'ThrottlingException', 'RequestTimeout',
+                         'InternalError', 'ServiceUnavailable', 'RequestTimeTooSkewed', '500',
+                         '502', '503', '504'}))
 
 
 _DIGITS = re.compile(r'[0-9]{1,19}')
@@ -110,29 +127,31 @@ def check_ranged_answer(status, header_values, etag, offset, length):
     return size
 
 
-def classify(code, status, message):
-    """The `StoreError` for an S3 error answer: its error code, else its HTTP status."""
+def classify(code, status, message, codes=S3_CODES):
+    """The `StoreError` for an error answer of a store whose codes are `codes` (S3's, or OSS's
+    in `oss_errors`): its error code, else its HTTP status (negative: oss2's own client-side
+    failures)."""
     if code == 'NoSuchBucket':
         return BucketNotFound(message)
-    if code in _NOT_FOUND:
+    if code in codes.not_found or (codes.not_found_status and status == 404):
         return ObjectNotFound(message)
-    if code in _DENIED or status in (401, 403):
+    if code in codes.denied or status in (401, 403):
         return AccessDenied(message)
-    if code in _CHANGED or status == 412:
+    if code in codes.changed or status == 412:
         return ObjectChanged(message)
-    if code in _TRANSIENT or status >= 500 or status == 429:
+    if code in codes.transient or status >= 500 or status == 429 or status < 0:
         return TransientError(message)
     return StoreError(message)
 
 
-def error_answer(status, body, classify=classify):
-    """The `StoreError` of an error answer: `classify` (a store's table: S3's here, OSS's in
-    `oss_errors`) of the <Code> and HTTP status, with the <Message>, of its XML `body`."""
+def error_answer(status, body, codes=S3_CODES):
+    """The `StoreError` of an error answer (`classify` with the store's `codes`) from the
+    <Code> and <Message> of its XML `body`."""
     code_match = _ERROR_CODE.search(body)
     message_match = _ERROR_MESSAGE.search(body)
     code = code_match.group(1).decode('ascii', 'replace') if code_match else ''
     message = message_match.group(1).decode('utf-8', 'replace') if message_match else ''
-    return classify(code, status, f'{code or status} {message}'.rstrip())
+    return classify(code, status, f'{code or status} {message}'.rstrip(), codes)
 
 
 class UseSdk(Exception):
