@@ -31,6 +31,7 @@ from .s3_get import UseSdk, check_ranged_answer, classify, header_values
 
 log = logging.getLogger(__name__)
 
+
 def translate(exc: BaseException, what: str) -> StoreError:
     """Map an oss2 exception to a `StoreError`; secrets never reach the message."""
     if isinstance(exc, oss2.exceptions.RequestError):
