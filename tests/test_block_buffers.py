@@ -7,6 +7,7 @@ readers holding slices across awaits, serves every byte right while it stops all
 import ctypes
 import hashlib
 import random
+import sys
 import threading
 
 import pytest
@@ -38,6 +39,18 @@ def test_a_buffer_only_its_caller_holds_is_reused_for_the_next_block(pool):
     del buffer
     again = block_buffers.new_block_buffer(SIZE)
     assert id(again) == identity and pool.reused == 1
+
+
+def test_recycling_is_on_only_on_interpreters_whose_count_sees_every_holder():
+    # CI's Python (3.11) counts every frame's reference; from 3.14 references may be borrowed
+    assert block_buffers.RECYCLING == (sys.version_info < (3, 14))
+
+
+def test_with_recycling_off_no_buffer_is_kept(pool, monkeypatch):
+    monkeypatch.setattr(block_buffers, 'RECYCLING', False)
+    buffer = filled(pool)
+    assert not block_buffers.recycle(buffer)
+    assert pool.free == []
 
 
 def test_pool_give_back_counts_references_the_same_way(pool):

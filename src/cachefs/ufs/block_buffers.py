@@ -67,6 +67,23 @@ def _measure_unshared() -> int:
 _UNSHARED = _measure_unshared()
 
 
+def _holder_is_counted() -> bool:
+    """Whether one more holder of a buffer shows in the count seen through recycle()'s call
+    shape: the whole mechanism rests on it."""
+    probe = bytearray(1)
+    holders = [probe]
+    shared = _recycle_shaped(probe)
+    del holders
+    return shared == _UNSHARED + 1
+
+
+# Recycling is on only where the count was checked to see every holder: Python before 3.14
+# (from 3.14 the interpreter may borrow references that getrefcount does not count, so a call
+# site unlike the calibration's could take a reader's reference for the giver's own: a wrong
+# byte). Elsewhere buffers are simply not reused (what the cache did before recycling).
+RECYCLING = sys.version_info < (3, 14) and _holder_is_counted()
+
+
 class BufferPool:
     """Free buffers of exactly `size` bytes, at most `capacity` of them."""
     __slots__ = ('size', 'capacity', 'free', 'reused', 'allocated', 'refused')
@@ -99,7 +116,8 @@ class BufferPool:
 
     def _keep(self, buffer: object, references: int) -> bool:
         """`references`: as counted one call below the caller (the shape of _UNSHARED)."""
-        if type(buffer) is not bytearray or len(buffer) != self.size or self.size == 0:
+        if not RECYCLING or type(buffer) is not bytearray or len(buffer) != self.size or \
+                self.size == 0:
             return False
         if len(self.free) >= self.capacity:
             return False
