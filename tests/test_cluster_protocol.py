@@ -131,6 +131,7 @@ def test_a_block_of_format_version_1_is_refused(secret):
 
 @pytest.mark.parametrize('line, opaque, expected', [
     (b'EN O7', 7, ('EN', None)),
+    (b'EN', 7, ('EN', None)),       # memcached 1.6.18's miss of a value evicted from extstore
     (b'VA 48 O7', 7, ('VA', 48)),
     (b'VA 48 O7 t-1 s48', 7, ('VA', 48)),
     (b'HD O3', 3, ('HD', None)),
@@ -142,8 +143,8 @@ def test_well_formed_replies_parse(line, opaque, expected):
 
 
 @pytest.mark.parametrize('line', [
-    b'', b'VA', b'VA O7', b'VA -1 O7', b'VA 1e3 O7', b'VA 12345678901 O7', b'VA 48', b'EN',
-    b'EN O8', b'EN O7 O7', b'va 48 O7', b'VA  48 O7', b'VA 48 O7 ', b'XX O7', b'VA 48\tO7',
+    b'', b'VA', b'VA O7', b'VA -1 O7', b'VA 1e3 O7', b'VA 12345678901 O7', b'VA 48', b'EN ',
+    b'EN O8', b'EN t-1', b'HD', b'EN O7 O7', b'va 48 O7', b'VA  48 O7', b'VA 48 O7 ', b'XX O7', b'VA 48\tO7',
     b'VA 48 O7\x00', b'\xff\xfe', b'ERROR', b'CLIENT_ERROR bad data chunk', b'HD O7\r',
 ])
 def test_anything_else_is_a_peer_failure(line):
@@ -277,7 +278,7 @@ def test_a_hostile_answer_is_refused_never_a_wrong_byte_never_a_hang(case):
     got = trio.run(_serve_one, chunks, length)
     answer, opaque = sent[0]
     if got is None:
-        assert answer == b'EN O%d\r\n' % opaque
+        assert answer in (b'EN O%d\r\n' % opaque, b'EN\r\n')
     elif isinstance(got, tuple):
         header, data = got
         # only the exact answer to this request gives bytes back, and exactly its bytes (bytes

@@ -19,7 +19,7 @@ import pytest
 import trio
 
 from cachefs.cache.cluster import ClusterTier, read_secret
-from cachefs.cache.cluster_protocol import MetaConnection, Sealer, cluster_key
+from cachefs.cache.cluster_protocol import WON, MetaConnection, Sealer, cluster_key
 from cachefs.errors import UserError
 from conftest import assert_tree_matches, free_port, run_cachefs, wait_until
 
@@ -31,16 +31,20 @@ pytestmark = pytest.mark.skipif(not os.path.exists(MEMCACHED), reason='memcached
 class Memcached:
     """One memcached on 127.0.0.1:`port`, started and stopped by this test process."""
 
-    def __init__(self, port=None, item_size='8m'):
+    def __init__(self, port=None, item_size='8m', memory='64', extra=(), user='nobody'):
         self.port = port or free_port()
+        self.user = user
         self.item_size = item_size
+        self.memory = memory
+        self.extra = list(extra)
         self.process = None
 
     def start(self):
-        user = ['-u', 'nobody'] if os.geteuid() == 0 else []
+        user = ['-u', self.user] if os.geteuid() == 0 else []
         self.process = subprocess.Popen(
-            [MEMCACHED, *user, '-l', '127.0.0.1', '-p', str(self.port), '-U', '0', '-m', '64',
-             '-I', self.item_size], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            [MEMCACHED, *user, '-l', '127.0.0.1', '-p', str(self.port), '-U', '0',
+             '-m', self.memory, '-I', self.item_size, *self.extra],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             try:
@@ -145,6 +149,61 @@ async def raw_set(server, ckey, value):
 
 
 # -- hits, misses, fills --
+
+async def test_a_value_evicted_from_extstore_is_a_miss_not_a_failing_peer(tmp_path):
+    # memcached 1.6.18 answers a get whose item's value was on an extstore page since evicted
+    # with a bare `EN`, without the request's opaque token: a miss like any other, not a reply
+    # to another request (which would mark the peer down for 5 s)
+    server = Memcached(item_size='8m', memory='64', user='root', extra=[
+        '-o', f'ext_page_size=16,ext_wbuf_size=8,ext_threads=2,ext_item_age=0,'
+              f'ext_path={tmp_path / "extstore"}:128M']).start()
+    sealer, length = Sealer(), 4 * BLOCK
+    try:
+        keys = [cluster_key(NAMESPACE, new_key(), 'etag', 0, length, BLOCK) for _ in range(80)]
+        for ckey in keys:       # 320 MiB into 64 MiB of RAM and 128 MiB of extstore
+            data = os.urandom(length)
+            await raw_set(server, ckey, sealer.seal(ckey, data) + data)
+        await trio.sleep(1)     # the flusher writes what is left in RAM
+        stream = await trio.open_tcp_stream('127.0.0.1', server.port)
+        connection = MetaConnection(stream)
+        try:
+            answers = [await connection.get(ckey, length) for ckey in keys]
+        finally:
+            connection.close()
+    finally:
+        server.stop()
+    misses = sum(answer is None for answer in answers)
+    assert 0 < misses < len(keys)
+
+
+async def test_a_node_that_takes_no_leases_waits_for_the_fill_of_the_node_that_took_one(
+        memcached):
+    # memcached keeps an empty item while another node holds the lease of a block (`VA 0 Z`):
+    # that is a fill on its way, not a block to refuse, also for a node that never fills
+    # (--cluster-fill-queue 0, no leases of its own)
+    key, length = new_key(), BLOCK
+    ckey = cluster_key(NAMESPACE, key, 'etag', 0, length, BLOCK)
+    stream = await trio.open_tcp_stream('127.0.0.1', memcached.port)
+    holder = MetaConnection(stream)
+    reader = make_tier(memcached.url, fill_queue=0)
+    try:
+        assert await holder.get(ckey, length, lease=10) == WON
+        async with running(reader), trio.open_nursery() as nursery:
+            got = []
+
+            async def read():
+                got.append(await reader.read(key, 'etag', 0, length))
+            nursery.start_soon(read)
+            await trio.sleep(0.05)
+            data = block_bytes(key, 0, length)
+            await holder.add(ckey, Sealer().seal(ckey, data), data, replace=True)
+    finally:
+        holder.close()
+    assert sha(got[0]) == sha(block_bytes(key, 0, length))
+    stats = reader.stats()
+    assert stats['cluster_hits'] == 1 and stats['cluster_waits'] == 1
+    assert stats['cluster_refused_blocks'] == 0 and stats['cluster_errors'] == 0
+    assert reader.store.reads == []
 
 async def test_a_block_read_from_the_store_is_filled_and_then_served_by_the_cluster(memcached):
     key = new_key()

@@ -220,7 +220,12 @@ def parse_reply(line: bytes, opaque: int | None) -> tuple[str, int | None]:
         size = int(tokens.pop(0))
     if code != 'MN':
         opaques = [t for t in tokens if t.startswith(b'O')]
-        if opaque is not None and opaques != [b'O%d' % opaque]:
+        # memcached 1.6.18 answers a miss found in extstore (the item's value was on a page
+        # since evicted) with a bare `EN`, without the request's opaque token; a connection
+        # carries one request at a time and is never reused with unread bytes, so a bare `EN`
+        # can only be this request's miss
+        bare_miss = code == 'EN' and not tokens
+        if opaque is not None and opaques != [b'O%d' % opaque] and not bare_miss:
             raise PeerFailure(f'a reply to another request: {line[:80]!r}')
     return code, size
 
@@ -336,13 +341,16 @@ class MetaConnection:
         if code != 'VA':
             raise PeerFailure(f'{code} to a get')
         flags = line.split()[2:]
-        if lease and size == 0 and (b'W' in flags or b'Z' in flags):
-            end = bytearray(2)          # the empty item memcached keeps for the lease
+        # The empty item memcached keeps for a lease: W, this client's (it asked with `lease`);
+        # Z, another client's, whose fill is on its way: BUSY, also for a client that takes no
+        # leases itself (`--cluster-fill-queue 0`), which would otherwise refuse it as a block
+        if size == 0 and (b'W' in flags or b'Z' in flags):
+            end = bytearray(2)
             await self._exactly(memoryview(end))
             if end != b'\r\n':
                 raise PeerFailure('a value not ended by CRLF')
             self._done()
-            return WON if b'W' in flags else BUSY
+            return WON if lease and b'W' in flags else BUSY
         if size != HEADER_SIZE + length:
             # refused before a byte of it is read (a huge size allocates nothing); the caller
             # drops the connection, whose unread value it cannot carry on after
