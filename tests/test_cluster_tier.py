@@ -150,6 +150,38 @@ async def raw_set(server, ckey, value):
 
 # -- hits, misses, fills --
 
+class MutableStore(MemoryStore):
+    """Hands out bytearrays and keeps them, so a test can change one after the read (what a
+    block buffer reused too early would do)."""
+
+    def __init__(self):
+        super().__init__()
+        self.handed = []
+
+    async def read(self, key, etag, offset, length):
+        data = bytearray(await super().read(key, etag, offset, length))
+        self.handed.append(data)
+        return data
+
+
+async def test_a_block_changed_between_its_store_read_and_its_fill_is_not_stored(memcached,
+                                                                                 caplog):
+    store = MutableStore()
+    filler, reader = make_tier(memcached.url, store=store), make_tier(memcached.url)
+    key = new_key()
+    caplog.set_level(logging.ERROR, 'cachefs.cache')
+    async with running(filler), running(reader):
+        # the fill workers run only once this task yields: the bytes change before the seal
+        data = await filler.read(key, 'etag', 0, BLOCK)
+        store.handed[0][100:200] = bytes(100)
+        await wait_for(lambda: filler.stats()['cluster_fill_errors'] == 1)
+        assert filler.stats()['cluster_fills'] == 0
+        assert sha(await reader.read(key, 'etag', 0, BLOCK)) == sha(block_bytes(key, 0, BLOCK))
+    assert data is store.handed[0]
+    assert reader.stats()['cluster_hits'] == 0      # nothing stored: the store's bytes again
+    assert [r for r in caplog.records if 'changed between its store read' in r.getMessage()]
+
+
 async def test_a_value_evicted_from_extstore_is_a_miss_not_a_failing_peer(tmp_path):
     # memcached 1.6.18 answers a get whose item's value was on an extstore page since evicted
     # with a bare `EN`, without the request's opaque token: a miss like any other, not a reply
