@@ -150,6 +150,23 @@ def test_an_engine_killed_mid_epoch_costs_no_read_error_and_no_wrong_byte(rig, s
     assert any(m.stats()['cluster_peers_up'] == NODES - 1 for m in mounts)
 
 
+def test_an_over_full_pool_never_marks_a_peer_down(rig, seaweed, dataset):
+    # memcached 1.6.18 answers a miss found in extstore (a value whose page was evicted) with a
+    # bare EN, without the request's opaque token: a miss, not a peer gone wrong
+    proxy = rig.store_proxy(seaweed.s3_port)
+    for node in rig.nodes:
+        node.start_memcached(memory='16M', disk='16M', item_max='2m',
+                             extstore={'ext_page_size': 4, 'ext_wbuf_size': 2})
+    mounts = mount_all(rig, seaweed, dataset, proxy, engines=False)
+    for epoch in (1, 2, 3):
+        assert read_epoch(mounts, dataset[1], epoch) == []
+        assert fills_settled(mounts)
+        drop_page_cache()
+    logs = ''.join(m.log_file.read_text() for m in mounts)
+    assert re.findall(r'WARNING .* is down .*', logs) == []
+    assert all(m.stats()['cluster_peers_up'] == NODES for m in mounts)
+
+
 def test_a_cluster_absent_at_mount_is_a_warning_and_the_store_serves(rig, seaweed, dataset,
                                                                      tmp_path):
     proxy = rig.store_proxy(seaweed.s3_port)
