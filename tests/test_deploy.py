@@ -882,6 +882,10 @@ def memcached_problems(argv, block_size):
     ext = dict(settings)
     if ext.get('ext_item_age') != '0':
         problems.append('ext_item_age is not 0 (items may leave memory before the SSD)')
+    if int(ext.get('ext_max_sleep', 1_000_000)) > 10_000:
+        # at its default (1 s) the flusher sleeps while sets of blocks fill the RAM, and memory
+        # evicts items that never reached the SSD (docs/cluster.md, "memcached settings")
+        problems.append('ext_max_sleep is over 10000 us (items evicted before the SSD)')
     # memcached refuses to start otherwise (measured with 1.6.18): an item must fit one write
     # buffer, and a page must be a whole number of write buffers (sizes in MiB)
     page, buffer = int(ext.get('ext_page_size', 64)), int(ext.get('ext_wbuf_size', 4))
@@ -1026,6 +1030,15 @@ def _swap_ext_options(kinds):
     args[index] = ','.join(items)
 
 
+def _drop_ext_option(name):
+    def edit(kinds):
+        args = _memcached_container(kinds)['args']
+        index = next(i for i, arg in enumerate(args) if 'ext_path=' in arg)
+        args[index] = ','.join(item for item in args[index].split(',')
+                               if not item.startswith(name + '='))
+    return edit
+
+
 def _set_memcached_arg(flag, value):
     def edit(kinds):
         args = _memcached_container(kinds)['args']
@@ -1054,6 +1067,7 @@ def _secret_volume(kinds):
 # one mistake each, made in a copy of deploy/cluster/
 BROKEN_CLUSTER = {
     'ext_path before ext_page_size': _swap_ext_options,
+    'the flusher at its default sleep': _drop_ext_option('ext_max_sleep'),
     '-I no larger than a block': _set_memcached_arg('-I', '4m'),
     'write buffers smaller than -I': _set_memcached_arg('-I', '32m'),
     'UDP on': _set_memcached_arg('-U', '11211'),
