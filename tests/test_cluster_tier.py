@@ -182,6 +182,21 @@ async def test_a_block_changed_between_its_store_read_and_its_fill_is_not_stored
     assert [r for r in caplog.records if 'changed between its store read' in r.getMessage()]
 
 
+async def test_a_changed_block_whose_fill_probes_a_down_peer_leaves_it_probeable(memcached):
+    store, clock = MutableStore(), Clock()
+    filler = make_tier(memcached.url, store=store, clock=clock)
+    await filler.read(new_key(), 'etag', 0, BLOCK)      # not running: its fill stays queued
+    store.handed[0][100:200] = bytes(100)
+    peer = filler.peers.peers[0]
+    peer.failed('taken down by the test', probe=False)
+    clock.now += 60                                      # due for a probe: the fill takes it
+    async with trio.open_nursery() as nursery:          # the fills alone, no refresh's probe
+        nursery.start_soon(filler._fill_worker)
+        await wait_for(lambda: filler.counters.fill_errors == 1)
+        nursery.cancel_scope.cancel()
+    assert peer.admit() is None                          # the next request probes it
+
+
 async def test_a_value_evicted_from_extstore_is_a_miss_not_a_failing_peer(tmp_path):
     # memcached 1.6.18 answers a get whose item's value was on an extstore page since evicted
     # with a bare `EN`, without the request's opaque token: a miss like any other, not a reply

@@ -350,15 +350,15 @@ class ClusterTier:
         if admitted is False:
             self.counters.fills_dropped += 1
             return
-        header = await self._hashing(self.sealer.seal, ckey, data)
-        if xxhash.xxh3_64_intdigest(data) != fingerprint:
-            # checked after sealing: bytes changed before or while they were sealed stop here,
-            # bytes changed while they are sent fail the readers' check of the seal
-            log.error('a block changed between its store read and its fill; not stored in the '
-                      'cluster (a bug: please report it)')
-            self.counters.fill_errors += 1
-            return
-        try:
+        try:        # from here on, a probe admitted is handed back however this ends
+            header = await self._hashing(self.sealer.seal, ckey, data)
+            if xxhash.xxh3_64_intdigest(data) != fingerprint:
+                # checked after sealing: bytes changed before or while they were sealed stop
+                # here, bytes changed while they are sent fail the readers' check of the seal
+                log.error('a block changed between its store read and its fill; not stored in '
+                          'the cluster (a bug: please report it)')
+                self.counters.fill_errors += 1
+                return
             stored = await self._request(peer, self.fill_timeout, 'add', ckey, header, data,
                                          replace)
         except PeerFailure as exc:
