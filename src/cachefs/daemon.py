@@ -51,10 +51,15 @@ _FLUSH_TIMEOUT = 30   # seconds spent writing blocks held in memory to the SSD a
 _DETACH_POLL = 1.0    # seconds between checks that the mount is still attached (lazy unmount)
 
 
+def source_identity(source: SourceURL, endpoint_url: str | None) -> str:
+    """What names one source (and endpoint: one bucket name, two stores): its cache folder and
+    its cluster namespace are both derived from it."""
+    return f'{source}|{endpoint_url or ""}'
+
+
 def source_folder_name(source: SourceURL, endpoint_url: str | None) -> str:
     """A readable, unique folder name per source (and endpoint: one bucket name, two stores)."""
-    identity = f'{source}|{endpoint_url or ""}'
-    digest = hashlib.sha256(identity.encode()).hexdigest()[:12]
+    digest = hashlib.sha256(source_identity(source, endpoint_url).encode()).hexdigest()[:12]
     readable = re.sub(r'[^A-Za-z0-9._-]+', '_', str(source).split('://', 1)[-1]).strip('_')[:60]
     return f'{source.scheme}-{readable}-{digest}'
 
@@ -303,7 +308,7 @@ class Daemon:
             # between the SSD tier and the store (cache/cluster.py); keyed like the cache folder
             self.cluster = ClusterTier(
                 self.async_store, options.cluster,
-                ClusterTier.namespace_of(f'{self.source}|{options.endpoint_url or ""}'),
+                ClusterTier.namespace_of(source_identity(self.source, options.endpoint_url)),
                 options.block_size, self.cluster_secret, options.cluster_connect_timeout,
                 options.cluster_timeout, options.cluster_refresh, options.cluster_fill_queue,
                 max_reads=options.store_concurrency)
