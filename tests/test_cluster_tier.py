@@ -431,6 +431,27 @@ async def test_a_peer_that_accepts_and_never_answers_costs_at_most_the_timeout_o
     assert len([r for r in caplog.records if 'is down' in r.getMessage()]) == 1
 
 
+async def test_reads_waiting_their_turn_skip_a_peer_that_went_down_meanwhile():
+    held = []
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(partial(trio.serve_tcp, partial(_hold, held=held), 0,
+                                                host='127.0.0.1'))
+        port = listeners[0].socket.getsockname()[1]
+        node = make_tier(f'memcached://127.0.0.1:{port}', read_timeout=0.2, max_reads=2)
+        key = new_key()
+        got = {}
+
+        async def read(index):
+            got[index] = await node.read(key, '"e"', index * BLOCK, BLOCK)
+        async with trio.open_nursery() as readers:
+            for index in range(6):
+                readers.start_soon(read, index)
+        nursery.cancel_scope.cancel()
+    # the first two time out and take the peer down; the four behind them do not ask it
+    assert node.counters.timeouts == 2 and node.counters.skipped == 4
+    assert all(sha(got[i]) == sha(block_bytes(key, i * BLOCK, BLOCK)) for i in range(6))
+
+
 async def _hold(stream, held):
     held.append(stream)
     await trio.sleep_forever()

@@ -25,7 +25,8 @@ whole answer, then reads the store; the peer is then down (circuit breaker, clus
 skipped without waiting. A block that does not verify is never returned (counted in
 `refused_blocks`; one warning per peer) and is replaced in the cluster by the store's bytes.
 At most `max_reads` blocks (the store's concurrency) are read from peers at once, and at most 64
-connections go to one peer; the wait for either is not bounded separately: every holder is.
+connections go to one peer; the wait for either is not bounded separately: every holder is,
+and a read that waited its turn does not ask a peer that went down meanwhile.
 
 Fills. A block read from the store is queued for its peer (a bounded queue of `fill_queue`
 blocks, emptied by `_FILL_WORKERS` tasks); when the queue is full the fill is dropped, never
@@ -214,6 +215,10 @@ class ClusterTier:
         has). Raises `BlockRefused` for a value that is not the block."""
         try:
             async with self._reads:
+                if not (probe or peer.up):
+                    # down while this read waited its turn: skipped, not one more timeout
+                    self.counters.skipped += 1
+                    return None
                 answer = await self._request(peer, self.read_timeout, 'get', ckey, length,
                                              self.lease)
             if isinstance(answer, tuple):
