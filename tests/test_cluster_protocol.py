@@ -144,7 +144,8 @@ def test_well_formed_replies_parse(line, opaque, expected):
 
 @pytest.mark.parametrize('line', [
     b'', b'VA', b'VA O7', b'VA -1 O7', b'VA 1e3 O7', b'VA 12345678901 O7', b'VA 48', b'EN ',
-    b'EN O8', b'EN t-1', b'HD', b'EN O7 O7', b'va 48 O7', b'VA  48 O7', b'VA 48 O7 ', b'XX O7', b'VA 48\tO7',
+    b'EN O8', b'EN t-1', b'HD', b'EN O7 O7', b'va 48 O7', b'VA  48 O7', b'VA 48 O7 ', b'XX O7',
+    b'VA 48\tO7',
     b'VA 48 O7\x00', b'\xff\xfe', b'ERROR', b'CLIENT_ERROR bad data chunk', b'HD O7\r',
 ])
 def test_anything_else_is_a_peer_failure(line):
