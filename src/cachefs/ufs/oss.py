@@ -110,18 +110,8 @@ class OssStore(Store):
                          length: int) -> bytearray | None:
         """`read` on the trio thread (`oss_trio`); None when this read must go through oss2
         in a worker thread instead (no trio path, or an answer it does not handle)."""
-        getter = self._trio_getter
-        if getter is None or self._threaded_reads.active():
-            return None
-        try:
-            data = await getter.get(self.prefix + key, etag, offset, length)
-            self._threaded_reads.succeeded()
-            return data
-        except StoreError as exc:
-            raise type(exc)(f'{self._reading(key)}: {exc}') from None
-        except UseSdk as exc:
-            self._threaded_reads.refused(self._reading(key), exc)
-            return None
+        return await self._threaded_reads.lean_read(self._trio_getter, self.prefix + key,
+                                                    self._reading(key), etag, offset, length)
 
     def read(self, key: str, etag: str, offset: int, length: int) -> bytes:
         """`length` bytes of `key` at `offset`, of the version `etag`, through oss2."""

@@ -17,6 +17,9 @@ more or less on a detour does not matter.
 
 import logging
 
+from .errors import StoreError
+from .s3_get import UseSdk
+
 log = logging.getLogger(__name__)
 
 FIRST_LENGTH = 16
@@ -59,3 +62,19 @@ class Detour:
             self._trying = False
             log.info('%s go through %s again', self.what, self.lean)
         self._length = 0
+
+    async def lean_read(self, getter, path, what, etag, offset, length):
+        """`getter.get(path, ...)` on the lean path (S3's and OSS's `read_async`), or None
+        when this read must take the long way: no lean getter, a detour under way, or an answer
+        the lean path does not handle (which starts one). Store errors name `what`."""
+        if getter is None or self.active():
+            return None
+        try:
+            data = await getter.get(path, etag, offset, length)
+        except StoreError as exc:
+            raise type(exc)(f'{what}: {exc}') from None
+        except UseSdk as exc:
+            self.refused(what, exc)
+            return None
+        self.succeeded()
+        return data
