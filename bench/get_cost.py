@@ -34,6 +34,20 @@ def measure(read_all, objects):
     return (time.process_time() - cpu) * 1e3 / count, (time.perf_counter() - wall) * 1e3 / count
 
 
+def sample(paths, objects, rounds):
+    """{path name: [(CPU ms, wall ms) per GET, one per round]}: every path reads `objects`
+    once per round, the paths in turn (in reverse order every other round), after one warm-up
+    read of 50 objects each (the connection pools)."""
+    for read_all in paths.values():
+        measure(read_all, objects[:50])
+    samples = {name: [] for name in paths}
+    for round_ in range(rounds):
+        order = list(paths.items())
+        for name, read_all in order if round_ % 2 == 0 else reversed(order):
+            samples[name].append(measure(read_all, objects))
+    return samples
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--workdir', default='/var/tmp/cachefs-bench')
@@ -73,13 +87,7 @@ def main(argv=None):
         paths = {'get_object': reads_through('get_object'), 'lean': reads_through('lean')}
         if 'trio' in available:
             paths['trio'] = trio_reads
-        for read_all in paths.values():
-            measure(read_all, objects[:50])      # warm the connection pools
-        samples = {name: [] for name in paths}
-        for round_ in range(options.rounds):
-            order = list(paths.items())
-            for name, read_all in order if round_ % 2 == 0 else reversed(order):
-                samples[name].append(measure(read_all, objects))
+        samples = sample(paths, objects, options.rounds)
     finally:
         store.stop()
         host.cleanup()

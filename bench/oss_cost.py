@@ -20,7 +20,7 @@ if str(BENCH_DIR.parent) not in sys.path:
     sys.path.insert(0, str(BENCH_DIR.parent))
 
 from bench import datasets, host, report  # noqa: E402
-from bench.get_cost import measure  # noqa: E402
+from bench.get_cost import sample  # noqa: E402
 from bench.oss_store import BUCKET, OssStore  # noqa: E402
 
 LABELS = (('oss2', 'oss2 `Bucket.get_object` (`OssStore.read`, worker threads)'),
@@ -58,13 +58,7 @@ def main(argv=None):
             return trio.run(read_all)
 
         paths = {'oss2': oss2_reads, 'trio': trio_reads}
-        for read_all in paths.values():
-            measure(read_all, objects[:50])      # warm the connection pools
-        samples = {name: [] for name in paths}
-        for round_ in range(options.rounds):
-            order = list(paths.items())
-            for name, read_all in order if round_ % 2 == 0 else reversed(order):
-                samples[name].append(measure(read_all, objects))
+        samples = sample(paths, objects, options.rounds)
     finally:
         store.stop()
         host.cleanup()
