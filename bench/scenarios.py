@@ -330,10 +330,17 @@ def tfrecord(bench, system, rnd):
                     mib_s=total / MiB / seconds, records=records)
 
 
-def _find(bench, system, mount, part):
+class Stopped(Exception):
+    """A figure that ran past --peer-timeout and was stopped."""
+
+
+def _find(bench, system, mount, part, timeout=3600):
     started = time.perf_counter()
-    result = subprocess.run(['find', mount.path, '-type', 'f'], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, timeout=3600, check=False)
+    try:
+        result = subprocess.run(['find', mount.path, '-type', 'f'], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, timeout=timeout, check=False)
+    except subprocess.TimeoutExpired:
+        raise Stopped() from None
     seconds = time.perf_counter() - started
     found = result.stdout.count(b'\n')
     if result.returncode != 0 or found != len(part.entries):
@@ -342,13 +349,17 @@ def _find(bench, system, mount, part):
     return seconds
 
 
-def _walk_stat(bench, system, mount, part):
+def _walk_stat(bench, system, mount, part, timeout=None):
+    """Seconds to stat every file; past `timeout` (checked every 1,000 files), `Stopped`."""
     started = time.perf_counter()
+    deadline = started + timeout if timeout is not None else None
     found = 0
     for dirpath, _, filenames in os.walk(mount.path):
         for name in filenames:
             os.stat(os.path.join(dirpath, name))
             found += 1
+            if deadline is not None and not found % 1000 and time.perf_counter() > deadline:
+                raise Stopped()
     seconds = time.perf_counter() - started
     if found != len(part.entries):
         bench.note(f'{system.name}: walk saw {found} of {len(part.entries)} files')
@@ -393,46 +404,11 @@ def metadata(bench, system, rnd):
         _two_passes(bench, system, rnd, mount, part, _walk_stat, ('walk_1', 'walk_2'))
 
 
-class Stopped(Exception):
-    """A figure that ran past --peer-timeout and was stopped."""
-
-
 def _first_listing(mount):
     """List the root and its first folder (what `ls` and a look into one class folder do)."""
     names = sorted(os.listdir(mount.path))
     if names:
         os.listdir(os.path.join(mount.path, names[0]))
-
-
-def _find_bounded(bench, system, mount, part, timeout):
-    started = time.perf_counter()
-    try:
-        result = subprocess.run(['find', mount.path, '-type', 'f'], stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, timeout=timeout, check=False)
-    except subprocess.TimeoutExpired:
-        raise Stopped() from None
-    seconds = time.perf_counter() - started
-    found = result.stdout.count(b'\n')
-    if result.returncode != 0 or found != len(part.entries):
-        bench.note(f'{system.name}: find listed {found} of {len(part.entries)} files '
-                   f'(exit {result.returncode}: {result.stderr[-200:].decode(errors="replace")})')
-    return seconds
-
-
-def _walk_stat_bounded(bench, system, mount, part, timeout):
-    started = time.perf_counter()
-    deadline = started + timeout
-    found = 0
-    for dirpath, _, filenames in os.walk(mount.path):
-        for name in filenames:
-            os.stat(os.path.join(dirpath, name))
-            found += 1
-            if not found % 1000 and time.perf_counter() > deadline:
-                raise Stopped()
-    seconds = time.perf_counter() - started
-    if found != len(part.entries):
-        bench.note(f'{system.name}: walk saw {found} of {len(part.entries)} files')
-    return seconds
 
 
 def metadata_objects(bench, system, rnd):
@@ -473,8 +449,8 @@ def metadata_objects(bench, system, rnd):
             seconds = time.monotonic() - started
             probe = since_start(mount)
             _sample(bench, row, system, rnd, seconds, probe, mount_s=mount.mount_seconds)
-    for rows, function in ((('objects_find_1', 'objects_find_2'), _find_bounded),
-                           (('objects_walk_1', 'objects_walk_2'), _walk_stat_bounded)):
+    for rows, function in ((('objects_find_1', 'objects_find_2'), _find),
+                           (('objects_walk_1', 'objects_walk_2'), _walk_stat)):
         with bench.mount(system, part, fresh=False) as mount:
             bench.drop()
             for row in rows:
