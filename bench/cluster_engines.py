@@ -167,11 +167,16 @@ def on_nodes(rig, engine, addresses, phase, key_lists, block, in_namespace=True)
              'block': block, 'seed': node.index})]
         command = node.command(argv) if in_namespace else argv
         procs.append(subprocess.Popen(command, stdout=subprocess.PIPE, text=True))
+    return _answers(procs, 'client')
+
+
+def _answers(procs, what):
+    """The JSON each client process prints, once all have ended (30 minutes at most each)."""
     results = []
     for proc in procs:
         out, _ = proc.communicate(timeout=1800)
         if proc.returncode != 0:
-            raise RuntimeError(f'client exited with {proc.returncode}')
+            raise RuntimeError(f'{what} exited with {proc.returncode}')
         results.append(json.loads(out))
     return results
 
@@ -358,13 +363,7 @@ def _s3_gets(env, key_lists, block):
     procs = [subprocess.Popen([sys.executable, __file__, 's3client', json.dumps(
         {'keys': keys, 'block': block, 'seed': i})], stdout=subprocess.PIPE, text=True, env=env)
         for i, keys in enumerate(key_lists)]
-    results = []
-    for proc in procs:
-        out, _ = proc.communicate(timeout=1800)
-        if proc.returncode != 0:
-            raise RuntimeError(f's3 client exited with {proc.returncode}')
-        results.append(json.loads(out))
-    return results
+    return _answers(procs, 's3 client')
 
 
 def run_s3_client(keys, block, seed):
