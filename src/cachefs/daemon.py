@@ -190,7 +190,7 @@ class Daemon:
         self.disk = self.make_disk_tier()
         # Options the user gave that cannot fit the memory limit are refused before the listing
         # (which may take minutes); the sizing itself waits for it, because the tree's share is
-        # only known then (1.28M files are about 1.8 GiB: more than the default caches).
+        # only known then (1.28M files are about 1.4 GiB: near the default caches).
         self.memory_limit = memory_budget.read_cgroup_limit()
         memory_budget.fit(options, 0, self.disk is not None, self.memory_limit, announce=None)
         listed_at, columns = load_namespace(self.store, self.source, self.folder, options)
